@@ -1,0 +1,113 @@
+"""The composition root: `create_app(settings, ...)` wires every part, in the lifespan.
+
+Shared resources (database engines, HTTP clients, the worker) are created when the app starts
+and handed to routes as lifespan state, never as import-time globals. The seams tests use are
+parameters here: the upstream's httpx transport and the callback sender.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Literal, TypedDict
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from relay import api
+from relay.api import ApiContext
+from relay.config import Settings
+from relay.database import open_database
+from relay.deliverer import AiohttpSender, CallbackSender, Deliverer
+from relay.ids import new_id
+from relay.openapi import build_openapi
+from relay.poller import Poller, UpstreamHealth
+from relay.upstream import UpstreamClient
+from relay.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["all", "api", "worker"]
+
+
+class State(TypedDict):
+    api: ApiContext
+
+
+def create_app(
+    settings: Settings,
+    *,
+    role: Role = "all",
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    sender: CallbackSender | None = None,
+) -> Starlette:
+    """The relay as an ASGI app; migrations must already be applied (the CLI does it)."""
+    openapi_body = api.json_response(build_openapi()).body
+
+    async def openapi(request: Request) -> Response:
+        return Response(openapi_body, media_type="application/json")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        db = open_database(settings.database_url)
+        await db.sync_clock()
+        owner = new_id("node")
+        worker: Worker | None = None
+        health: UpstreamHealth | None = None
+        upstream: UpstreamClient | None = None
+        callback_sender: CallbackSender | None = None
+        if role in ("all", "worker"):
+            health = UpstreamHealth()
+            upstream = UpstreamClient(
+                settings.upstream_url,
+                settings.upstream_api_key,
+                timeout_s=settings.upstream_timeout_s,
+                max_connections=settings.poll_concurrency,
+                transport=upstream_transport,
+            )
+            callback_sender = sender or AiohttpSender(
+                allow_private=settings.allow_private_callbacks,
+                limit=settings.delivery_concurrency,
+                limit_per_host=settings.delivery_per_host,
+            )
+            deliverer = Deliverer(db, settings, callback_sender, owner)
+            poller = Poller(
+                db,
+                settings,
+                upstream,
+                owner,
+                health=health,
+                on_deliveries_queued=lambda: worker.kick_deliverer() if worker else None,
+            )
+            worker = Worker(db, settings, poller, deliverer)
+            worker.start()
+        context = ApiContext(db=db, settings=settings, health=health)
+        if worker is not None:
+            context.on_polls_queued = worker.kick_poller
+            context.on_deliveries_queued = worker.kick_deliverer
+        logger.info("relay started: role=%s node=%s", role, owner)
+        try:
+            yield {"api": context}
+        finally:
+            await context.creates.drain()
+            if worker is not None:
+                await worker.stop()
+            if upstream is not None:
+                await upstream.aclose()
+            if callback_sender is not None:
+                await callback_sender.aclose()
+            await db.dispose()
+            logger.info("relay stopped: node=%s", owner)
+
+    routes = [*api.ROUTES, Route("/openapi.json", openapi, methods=["GET"])]
+    if role == "worker":
+        routes = [r for r in routes if r.path in ("/healthz", "/readyz", "/openapi.json")]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=api.EXCEPTION_HANDLERS,
+    )

@@ -1,0 +1,213 @@
+"""The `relay` command: serve, migrate, keys, fake-upstream.
+
+Bad arguments or configuration end the process with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from relay import __version__
+from relay.config import Settings
+from relay.errors import ConfigError, StartupError
+
+logger = logging.getLogger("relay")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"relay: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relay", description="A webhook bridge for asynchronous generation APIs.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the API and/or the background worker")
+    serve.add_argument("--host", help="listen address (default RELAY_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default RELAY_PORT or 8080)")
+    serve.add_argument("--role", choices=["all", "api", "worker"], default="all")
+
+    commands.add_parser("migrate", help="apply database migrations and exit")
+
+    keys = commands.add_parser("keys", help="manage client API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    create = key_commands.add_parser(
+        "create", help="create a key; prints it and its signing secret once"
+    )
+    create.add_argument("--name", required=True)
+    create.add_argument("--json", action="store_true")
+    listing = key_commands.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--json", action="store_true")
+    revoke = key_commands.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("id")
+
+    fake = commands.add_parser("fake-upstream", help="run the local upstream simulator")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8090)
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"relay: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "fake-upstream":
+            _fake_upstream(args)
+            return
+        settings = Settings.from_env()
+        logging.basicConfig(
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            stream=sys.stderr,
+        )
+        # Their INFO lines (every tick, every migration plugin) drown the relay's own.
+        for noisy in ("apscheduler", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        if args.command == "serve":
+            _serve(settings, args)
+        elif args.command == "migrate":
+            _migrate(settings)
+            print("database is at the latest schema")
+        elif args.command == "keys":
+            _keys(settings, args)
+    except ConfigError as exc:
+        _fail(f"{exc}")
+    except StartupError as exc:
+        _fail(str(exc))
+
+
+def _migrate(settings: Settings) -> None:
+    from relay import migrate
+
+    try:
+        migrate.upgrade(settings.database_url)
+    except (OSError, ConnectionError) as exc:
+        raise StartupError(f"cannot reach the database: {exc}") from None
+    except Exception as exc:  # SQLAlchemy/driver errors carry the reason in their text
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StartupError(f"cannot migrate the database: {reason}") from None
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from relay.app import create_app
+    from relay.database import hold_sqlite_serve_lock
+
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise ConfigError("--port", "must be between 0 and 65535")
+    if args.role == "worker" and not settings.upstream_api_key:
+        raise ConfigError("RELAY_UPSTREAM_API_KEY", "is required by the worker role")
+    lock = hold_sqlite_serve_lock(settings.database_url)  # None on PostgreSQL
+    _migrate(settings)
+    if args.role == "all" and not settings.upstream_api_key:
+        logger.warning(
+            "RELAY_UPSTREAM_API_KEY is not set: polls go out without a key and the upstream "
+            "will refuse them; set it before real use"
+        )
+    app = create_app(settings, role=args.role)
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> None:
+    from relay import store
+    from relay.database import open_database
+
+    _migrate(settings)
+
+    async def run() -> None:
+        db = open_database(settings.database_url)
+        try:
+            if args.keys_command == "create":
+                name = args.name.strip()
+                if not name or len(name) > 200:
+                    raise ConfigError("--name", "must be 1-200 characters")
+                key = await store.create_key(db, name)
+                if args.json:
+                    print(
+                        json.dumps(
+                            {
+                                "id": key.id,
+                                "name": key.name,
+                                "api_key": key.api_key,
+                                "signing_secret": key.signing_secret,
+                            }
+                        )
+                    )
+                else:
+                    print(f"id:             {key.id}")
+                    print(f"name:           {key.name}")
+                    print(f"api key:        {key.api_key}")
+                    print(f"signing secret: {key.signing_secret}")
+                    print(
+                        "Store both now: the API key is kept only as a hash and is not shown again."
+                    )
+            elif args.keys_command == "list":
+                rows = await store.list_keys(db)
+                items = [
+                    {
+                        "id": row["id"],
+                        "name": row["name"],
+                        "key_prefix": row["key_prefix"],
+                        "created_at": row["created_at"].isoformat(),
+                        "revoked_at": row["revoked_at"].isoformat() if row["revoked_at"] else None,
+                    }
+                    for row in rows
+                ]
+                if args.json:
+                    print(json.dumps(items))
+                else:
+                    for item in items:
+                        state = f"revoked {item['revoked_at']}" if item["revoked_at"] else "active"
+                        print(f"{item['id']}  {item['key_prefix']}...  {item['name']}  ({state})")
+            elif args.keys_command == "revoke":
+                if not await store.revoke_key(db, args.id):
+                    raise ConfigError("ID", f"no key with id {args.id}")
+                print(f"revoked {args.id}")
+        finally:
+            await db.dispose()
+
+    asyncio.run(run())
+
+
+def _fake_upstream(args: argparse.Namespace) -> None:
+    from relay.fakeupstream import FakeUpstreamConfig, run_fake_upstream
+
+    try:
+        config = FakeUpstreamConfig.from_env(os.environ)
+    except ValueError as exc:
+        _fail(str(exc))
+    if not 0 <= args.port <= 65535:
+        _fail("--port: must be between 0 and 65535")
+    run_fake_upstream(args.host, args.port, config)
+
+
+if __name__ == "__main__":
+    main()

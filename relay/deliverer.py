@@ -1,0 +1,279 @@
+"""Delivering callbacks: claim due deliveries, POST them signed, record every attempt.
+
+The outbox is the `deliveries` table: rows are written in the transaction that records a
+final result, leased here like polls are, and released with the attempt's record. Many
+callbacks are in flight at once, bounded overall and per receiver host: a receiver that hangs
+until the timeout holds at most `RELAY_DELIVERY_PER_HOST` slots, and its other deliveries are
+given back to the table (deferred) instead of waiting in memory, so healthy receivers keep
+their rate.
+
+The HTTP client is aiohttp, chosen by measurement (docs/benchmarks.md): stock httpx slows to a
+few hundred POSTs/s with many in flight. The sender is the seam: `CallbackSender` can be
+replaced in tests. The default sender connects only to vetted addresses (see addresses.py).
+This module never writes SQL; the retry policy lives in retry.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from relay import __version__, store
+from relay.addresses import BlockedAddressError, VettingResolver
+from relay.batching import Batcher
+from relay.config import Settings
+from relay.database import Database
+from relay.retry import Outcome, decide, parse_retry_after
+from relay.signing import sign
+
+logger = logging.getLogger(__name__)
+
+EXCERPT_BYTES = 2048
+CLAIM_BATCH_MAX = 200
+DEFER_S = 1.0
+USER_AGENT = f"relay/{__version__}"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    status_code: int | None
+    error: str | None = None
+    excerpt: str | None = None
+    retry_after: str | None = None
+
+
+class CallbackSender(Protocol):
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float
+    ) -> SendResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpSender:
+    """POSTs with aiohttp; never follows redirects, reads at most EXCERPT_BYTES of an answer."""
+
+    def __init__(self, *, allow_private: bool, limit: int, limit_per_host: int) -> None:
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._resolver = VettingResolver(allow_private=allow_private)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._limit,
+                limit_per_host=self._limit_per_host,
+                resolver=self._resolver,
+                ttl_dns_cache=10,
+            )
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._session
+
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float
+    ) -> SendResult:
+        try:
+            # aiohttp does not ask the resolver about literal IPs: vet those here.
+            self._resolver.check_literal(urlsplit(url).hostname or "")
+        except BlockedAddressError as exc:
+            return SendResult(status_code=None, error=str(exc))
+        try:
+            async with self._get_session().post(
+                url,
+                data=body,
+                headers=dict(headers),
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                excerpt = await response.content.read(EXCERPT_BYTES)
+                return SendResult(
+                    status_code=response.status,
+                    excerpt=excerpt.decode("utf-8", "replace") or None,
+                    retry_after=response.headers.get("retry-after"),
+                )
+        except TimeoutError:
+            return SendResult(status_code=None, error=f"timed out after {timeout_s:g} s")
+        except aiohttp.ClientConnectorError as exc:
+            return SendResult(status_code=None, error=f"connection failed: {exc.os_error or exc}")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return SendResult(status_code=None, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def callback_headers(delivery: store.ClaimedDelivery, timestamp: int) -> dict[str, str]:
+    """The headers of one attempt: re-signed per attempt, same webhook-id on every one."""
+    return {
+        "content-type": "application/json",
+        "webhook-id": delivery.webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(
+            delivery.signing_secret, delivery.webhook_id, timestamp, delivery.body
+        ),
+        "relay-event": delivery.event,
+        "relay-subscription-id": delivery.subscription_id,
+        "relay-attempt": str(delivery.subscription_attempts + 1),
+        "user-agent": USER_AGENT,
+    }
+
+
+def host_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+class Deliverer:
+    """Drains due deliveries; `tick()` is what the scheduler (or a final result) calls."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        sender: CallbackSender,
+        owner: str,
+        *,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._db = db
+        self._settings = settings
+        self._sender = sender
+        self._owner = owner
+        self._rand = rand
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._per_host: defaultdict[str, int] = defaultdict(int)
+        self._slot_freed = asyncio.Event()
+        self._draining = False
+        self._closing = False
+        self._records: Batcher[store.AttemptRecord, None] = Batcher(self._write_records)
+
+    @property
+    def in_flight_ids(self) -> list[int]:
+        return list(self._in_flight)
+
+    async def tick(self) -> None:
+        if self._draining or self._closing:
+            return
+        self._draining = True
+        try:
+            await self._drain()
+        except Exception:
+            logger.exception("delivery tick failed; the next tick retries")
+        finally:
+            self._draining = False
+
+    async def _drain(self) -> None:
+        concurrency = self._settings.delivery_concurrency
+        per_host = self._settings.delivery_per_host
+        while not self._closing:
+            free = concurrency - len(self._in_flight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            want = min(free, CLAIM_BATCH_MAX)
+            claimed = await store.claim_due_deliveries(
+                self._db, self._owner, want, self._settings.lease_s
+            )
+            deferred: list[int] = []
+            for delivery in claimed:
+                host = host_of(delivery.callback_url)
+                if delivery.id in self._in_flight:
+                    continue
+                if self._per_host[host] >= per_host:
+                    deferred.append(delivery.id)
+                    continue
+                self._per_host[host] += 1
+                task = asyncio.create_task(self._deliver(delivery, host))
+                self._in_flight[delivery.id] = task
+            if deferred:
+                await store.defer_deliveries(
+                    self._db, self._owner, deferred, DEFER_S * (0.5 + self._rand())
+                )
+            if len(claimed) < want:
+                return
+
+    async def _deliver(self, delivery: store.ClaimedDelivery, host: str) -> None:
+        try:
+            started_at = self._db.now()
+            started = time.monotonic()
+            headers = callback_headers(delivery, int(started_at.timestamp()))
+            sent = await self._sender.post(
+                delivery.callback_url, headers, delivery.body, self._settings.delivery_timeout_s
+            )
+            duration_ms = int((time.monotonic() - started) * 1000)
+            retry_after_s = parse_retry_after(sent.retry_after, time.time())
+            decision = decide(
+                Outcome(
+                    status_code=sent.status_code, error=sent.error, retry_after_s=retry_after_s
+                ),
+                attempt=delivery.attempts + 1,
+                schedule_s=self._settings.delivery_retry_schedule_s,
+                rand=self._rand,
+            )
+            retry_at = None
+            if decision.action == "retry":
+                assert decision.delay_s is not None
+                retry_at = self._db.now() + timedelta(seconds=decision.delay_s)
+            if decision.action != "done":
+                logger.info(
+                    "callback %s to %s: %s (%s)",
+                    delivery.webhook_id,
+                    host,
+                    decision.action,
+                    decision.reason,
+                )
+            await self._records.submit(
+                store.AttemptRecord(
+                    delivery_id=delivery.id,
+                    subscription_id=delivery.subscription_id,
+                    webhook_id=delivery.webhook_id,
+                    event=delivery.event,
+                    attempt_number=delivery.subscription_attempts + 1,
+                    started_at=started_at,
+                    duration_ms=duration_ms,
+                    status_code=sent.status_code,
+                    error=sent.error,
+                    response_excerpt=sent.excerpt,
+                    action=decision.action,
+                    retry_at=retry_at,
+                )
+            )
+        except Exception:
+            # The lease runs out and the delivery is tried again: nothing is lost.
+            logger.exception("delivery %s failed unexpectedly", delivery.id)
+        finally:
+            self._per_host[host] -= 1
+            if self._per_host[host] <= 0:
+                del self._per_host[host]
+            self._in_flight.pop(delivery.id, None)
+            self._slot_freed.set()
+
+    async def _write_records(self, records: Sequence[store.AttemptRecord]) -> list[None]:
+        await store.record_attempts(self._db, self._owner, records)
+        return [None] * len(records)
+
+    async def renew_leases(self) -> None:
+        await store.renew_delivery_leases(
+            self._db, self._owner, self.in_flight_ids, self._settings.lease_s
+        )
+
+    async def close(self) -> None:
+        self._closing = True
+        self._slot_freed.set()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._settings.delivery_timeout_s + 1)
+        await self._records.drain()

@@ -1,0 +1,182 @@
+"""The relay's tables, as SQLAlchemy Core: the schema every query and migration agrees on.
+
+Readable by operators with plain SQL: statuses are words, times are UTC, bodies are the JSON
+text as received. No table holds a usable API key (only SHA-256 hashes of random keys).
+
+Scheduling columns double as leases: a claimed generation's `next_poll_at` (a delivery's
+`next_attempt_at`) is pushed to the end of its lease and `lease_owner` names the claimer, so a
+crashed process's work becomes due again by itself when the lease runs out.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite (naive text) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # raw SQL paths on SQLite
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _now_column(name: str) -> Column[datetime]:
+    return Column(name, UTCDateTime(), nullable=False)
+
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("key_prefix", String(16), nullable=False),
+    # Needed in the clear to sign callbacks (HMAC): the one secret that cannot be hashed.
+    Column("signing_secret", Text, nullable=False),
+    _now_column("created_at"),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+generations = Table(
+    "generations",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    # polling | idle (no active subscription) | final | expired (the relay gave up)
+    Column("state", String(16), nullable=False),
+    Column("status", String(32), nullable=True),  # last status seen upstream, normalised
+    Column("result", Text, nullable=True),  # final body as upstream sent it, or the relay's notice
+    Column("first_subscribed_at", UTCDateTime(), nullable=False),
+    Column("last_polled_at", UTCDateTime(), nullable=True),
+    Column("next_poll_at", UTCDateTime(), nullable=True),
+    Column("status_changed_at", UTCDateTime(), nullable=True),
+    Column("final_at", UTCDateTime(), nullable=True),
+    Column("poll_count", Integer, nullable=False, server_default=text("0")),
+    Column("unchanged_polls", Integer, nullable=False, server_default=text("0")),
+    Column("error_count", Integer, nullable=False, server_default=text("0")),
+    Column("not_found_since", UTCDateTime(), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("lease_owner", String(40), nullable=True),
+    _now_column("created_at"),
+    _now_column("updated_at"),
+    Index("ix_generations_due", "next_poll_at"),
+    Index("ix_generations_state_updated", "state", "updated_at"),
+)
+
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("api_key_id", String(40), ForeignKey("api_keys.id"), nullable=False),
+    Column("generation_id", String(128), ForeignKey("generations.id"), nullable=False),
+    Column("callback_url", String(2048), nullable=False),
+    Column("metadata", Text, nullable=True),
+    # active | delivered | failed | canceled | expired
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text, nullable=True),
+    _now_column("created_at"),
+    _now_column("updated_at"),
+    Column("delivered_at", UTCDateTime(), nullable=True),
+    Index("ix_subscriptions_key_id", "api_key_id", "id"),
+    Index("ix_subscriptions_generation_status", "generation_id", "status"),
+    Index("ix_subscriptions_status_updated", "status", "updated_at"),
+    # Idempotent create: one active subscription per key, generation and callback URL.
+    Index(
+        "uq_subscriptions_active_target",
+        "api_key_id",
+        "generation_id",
+        "callback_url",
+        unique=True,
+        sqlite_where=text("status = 'active'"),
+        postgresql_where=text("status = 'active'"),
+    ),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("subscription_id", String(40), ForeignKey("subscriptions.id"), nullable=False),
+    Column("webhook_id", String(40), nullable=False),
+    # generation.completed | generation.failed | generation.canceled | generation.expired
+    Column("event", String(32), nullable=False),
+    Column("payload", Text, nullable=True),  # null: the generation's stored result
+    # pending | delivered | failed
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
+    Column("lease_owner", String(40), nullable=True),
+    Column("last_error", Text, nullable=True),
+    _now_column("created_at"),
+    _now_column("updated_at"),
+    Index("ix_deliveries_due", "next_attempt_at"),
+    Index("ix_deliveries_subscription", "subscription_id"),
+)
+
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column(
+        "delivery_id",
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("deliveries.id"),
+        nullable=False,
+    ),
+    Column("subscription_id", String(40), ForeignKey("subscriptions.id"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("webhook_id", String(40), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("response_excerpt", Text, nullable=True),
+    Index("ix_delivery_attempts_subscription", "subscription_id", "id"),
+    Index("ix_delivery_attempts_delivery", "delivery_id"),
+)

@@ -1,0 +1,242 @@
+"""Polling: claim due generations, poll each once, record what was seen.
+
+One poll stream per generation, however many subscribe: the unit claimed is a `generations`
+row. A tick drains what is due in rounds bounded by free concurrency and the upstream rate cap;
+each poll's outcome is recorded in its own transaction (status, final body, counters, next poll
+time and, when the generation ends, one delivery per active subscription).
+
+`plan_record` is the pure part: from the claimed row and the poll result to the row's changes.
+This module never writes SQL (store.py does) and never sends callbacks (deliverer.py does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+
+from relay import store
+from relay.config import Settings
+from relay.database import Database
+from relay.ratelimit import TokenBucket
+from relay.schedule import error_gap_s, poll_gap_s
+from relay.upstream import FINAL_STATUSES, PollResult, UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+CLAIM_BATCH_MAX = 200
+
+
+class UpstreamHealth:
+    """How the last polls went, for /readyz: ok, unauthorized, unreachable or unknown."""
+
+    def __init__(self) -> None:
+        self.state = "unknown"
+        self._last_alarm = 0.0
+
+    def observe(self, result: PollResult) -> None:
+        if result.kind == "unauthorized":
+            self.state = "unauthorized"
+            now = time.monotonic()
+            if now - self._last_alarm > 60:
+                self._last_alarm = now
+                logger.error(
+                    "upstream rejects the relay's API key (%s): check RELAY_UPSTREAM_API_KEY; "
+                    "polling continues slowly and no subscription is failed for it",
+                    result.error,
+                )
+        elif result.kind == "error":
+            self.state = "unreachable"
+        else:
+            self.state = "ok"
+
+
+def notice_body(generation_id: str, code: str, message: str) -> str:
+    """The give-up notice, in the upstream's result shape."""
+    return orjson.dumps(
+        {
+            "id": generation_id,
+            "status": "FAILED",
+            "input": None,
+            "data": None,
+            "usage": None,
+            "code": code,
+            "message": message,
+        }
+    ).decode()
+
+
+def plan_record(
+    claimed: store.ClaimedGeneration,
+    result: PollResult,
+    now: datetime,
+    settings: Settings,
+    rand: Callable[[], float],
+) -> store.PollRecord:
+    """What this poll changes on the generation's row (pure)."""
+    min_s, max_s = settings.poll_min_interval_s, settings.poll_max_interval_s
+    values: dict[str, Any] = {"last_polled_at": now, "lease_owner": None}
+    gap_s: float
+    if result.kind == "ok":
+        assert result.status is not None
+        values.update(status=result.status, error_count=0, not_found_since=None, last_error=None)
+        if result.status in FINAL_STATUSES:
+            values.update(state="final", result=result.body, final_at=now, next_poll_at=None)
+            return store.PollRecord(claimed.id, values, event=store.EVENT_BY_STATUS[result.status])
+        if result.status != claimed.status:
+            unchanged = 0
+            values["status_changed_at"] = now
+        else:
+            unchanged = claimed.unchanged_polls + 1
+        values["unchanged_polls"] = unchanged
+        gap_s = poll_gap_s(unchanged, min_s, max_s, rand)
+    else:
+        errors = claimed.error_count + 1
+        values.update(error_count=errors, last_error=result.error)
+        if result.kind == "not_found":
+            since = claimed.not_found_since or now
+            values["not_found_since"] = since
+            if (now - since).total_seconds() >= settings.not_found_grace_s:
+                message = (
+                    f"upstream answered 404 for this generation for "
+                    f"{settings.not_found_grace_s:g} seconds; the relay gave up on it"
+                )
+                return _give_up(claimed.id, values, now, "RELAY_NOT_FOUND", message)
+            gap_s = error_gap_s(errors, min_s, max_s, rand)
+        elif result.kind == "unauthorized":
+            # The relay's own key is wrong: not the generation's fault. Retry slowly.
+            gap_s = max_s
+        else:
+            gap_s = error_gap_s(errors, min_s, max_s, rand, result.retry_after_s)
+    if (now - claimed.first_subscribed_at).total_seconds() >= settings.generation_ttl_s:
+        message = (
+            f"the generation was not final {settings.generation_ttl_s:g} seconds after the "
+            "first subscription; the relay gave up on it"
+        )
+        return _give_up(claimed.id, values, now, "RELAY_EXPIRED", message)
+    values["next_poll_at"] = now + timedelta(seconds=gap_s)
+    return store.PollRecord(claimed.id, values)
+
+
+def _give_up(
+    generation_id: str, values: dict[str, Any], now: datetime, code: str, message: str
+) -> store.PollRecord:
+    notice = notice_body(generation_id, code, message)
+    values.update(state="expired", result=notice, final_at=now, next_poll_at=None)
+    return store.PollRecord(generation_id, values, event=store.EXPIRED_EVENT, notice_payload=notice)
+
+
+class Poller:
+    """Drains due polls; `tick()` is what the scheduler (or a new subscription) calls."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        upstream: UpstreamClient,
+        owner: str,
+        *,
+        health: UpstreamHealth | None = None,
+        on_deliveries_queued: Callable[[], None] = lambda: None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._db = db
+        self._settings = settings
+        self._upstream = upstream
+        self._owner = owner
+        self._rand = rand
+        self.health = health or UpstreamHealth()
+        self._on_deliveries_queued = on_deliveries_queued
+        rate = settings.upstream_max_rps
+        self._bucket = TokenBucket(rate, burst=max(1.0, rate))
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+        self._draining = False
+        self._closing = False
+
+    @property
+    def in_flight_ids(self) -> list[str]:
+        return list(self._in_flight)
+
+    async def tick(self) -> None:
+        """Claim and start every due poll there is room for; return when none is left due."""
+        if self._draining or self._closing:
+            return
+        self._draining = True
+        try:
+            await self._drain()
+        except Exception:
+            logger.exception("poll tick failed; the next tick retries")
+        finally:
+            self._draining = False
+
+    async def _drain(self) -> None:
+        concurrency = self._settings.poll_concurrency
+        # Claim no more than the rate cap lets us poll within a fraction of the lease.
+        per_round = max(1, min(CLAIM_BATCH_MAX, int(self._settings.upstream_max_rps)))
+        while not self._closing:
+            free = concurrency - len(self._in_flight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            want = min(free, per_round)
+            claimed = await store.claim_due_generations(
+                self._db, self._owner, want, self._settings.lease_s
+            )
+            for generation in claimed:
+                if generation.id in self._in_flight:
+                    continue  # our own lease ran out while polling it; the first poll records
+                task = asyncio.create_task(self._poll_one(generation))
+                self._in_flight[generation.id] = task
+            if len(claimed) < want:
+                return
+
+    async def _poll_one(self, claimed: store.ClaimedGeneration) -> None:
+        try:
+            await self._bucket.take()
+            result = await self._upstream.poll(claimed.id)
+            self.health.observe(result)
+            if result.kind == "rate_limited" and result.retry_after_s:
+                self._bucket.pause(min(result.retry_after_s, 60.0))
+            if result.kind == "ok" and result.status not in FINAL_STATUSES | {
+                "IN_QUEUE",
+                "IN_PROGRESS",
+            }:
+                logger.warning(
+                    "unknown upstream status %r for generation %s; treating it as not final",
+                    result.status,
+                    claimed.id,
+                )
+            record = plan_record(claimed, result, self._db.now(), self._settings, self._rand)
+            kept = await store.record_poll(self._db, self._owner, record)
+            if not kept:
+                logger.warning("lease on generation %s was lost; its poll is discarded", claimed.id)
+            elif record.event is not None:
+                logger.info("generation %s ended: %s", claimed.id, record.event)
+                self._on_deliveries_queued()
+        except Exception:
+            # The lease runs out and the generation is polled again: nothing is lost.
+            logger.exception("poll of generation %s failed", claimed.id)
+        finally:
+            self._in_flight.pop(claimed.id, None)
+            self._slot_freed.set()
+
+    async def renew_leases(self) -> None:
+        await store.renew_generation_leases(
+            self._db, self._owner, self.in_flight_ids, self._settings.lease_s
+        )
+
+    async def close(self) -> None:
+        """Stop claiming; let polls in flight finish (their leases cover a crash anyway)."""
+        self._closing = True
+        self._slot_freed.set()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._settings.upstream_timeout_s + 1)

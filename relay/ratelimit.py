@@ -1,0 +1,64 @@
+"""Token buckets: the upstream's request cap (per process) and each client key's API limit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+class TokenBucket:
+    """`rate` tokens per second, holding at most `burst`; starts full."""
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._stamp = clock()
+        self._paused_until = 0.0
+
+    def try_take(self) -> float:
+        """Take a token: 0.0 if taken, else the seconds to wait before one is there."""
+        now = self._clock()
+        if now < self._paused_until:
+            return self._paused_until - now
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    async def take(self) -> None:
+        # The wait is computed exactly; an Event would need a producer, and time is the producer.
+        while (wait_s := self.try_take()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(wait_s)
+
+    def pause(self, seconds: float) -> None:
+        """Hand out no token for `seconds` (the upstream said Retry-After)."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+
+class KeyedLimiter:
+    """One bucket per client key, bounded in memory (least recently used keys are dropped)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def check(self, key: str) -> float:
+        """0.0 if the request may go on, else the seconds the client should wait."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
+            if len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.try_take()

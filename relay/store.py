@@ -1,0 +1,909 @@
+"""Every query the relay makes. Nothing else writes SQL.
+
+Units of work are short transactions. Claims of due work (`claim_due_generations`,
+`claim_due_deliveries`) lease rows by pushing their due time to the end of the lease and
+naming the owner; on PostgreSQL they use `FOR UPDATE SKIP LOCKED` so nodes never wait on each
+other. Every completion checks that the caller still owns the lease, so a process whose lease
+ran out cannot overwrite the work of the one that took over.
+
+Row locks order: a generation row is locked before its subscriptions' rows; every writer that
+touches both (create, cancel, record a poll) follows that order, so nodes cannot deadlock and
+no subscription can be left active on a generation that stopped polling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, delete, func, insert, literal, select, text, tuple_, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relay.database import Database
+from relay.ids import new_id
+from relay.models import api_keys, deliveries, delivery_attempts, generations, subscriptions
+from relay.signing import generate_secret, new_message_id
+
+FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED"})
+EVENT_BY_STATUS = {
+    "COMPLETED": "generation.completed",
+    "FAILED": "generation.failed",
+    "CANCELED": "generation.canceled",
+}
+EXPIRED_EVENT = "generation.expired"
+PRUNE_LOCK_ID = 0x72656C6170  # advisory lock: one pruning node at a time
+
+
+def hash_api_key(api_key: str) -> str:
+    """SHA-256 of a key: keys are 256-bit random, so a plain hash is enough to make a copy of
+    the database useless for calling the API."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewKey:
+    id: str
+    name: str
+    api_key: str
+    signing_secret: str
+
+
+async def create_key(db: Database, name: str) -> NewKey:
+    api_key = "rk_" + secrets.token_urlsafe(32)
+    key = NewKey(id=new_id("key"), name=name, api_key=api_key, signing_secret=generate_secret())
+    async with db.transaction() as conn:
+        await conn.execute(
+            insert(api_keys).values(
+                id=key.id,
+                name=name,
+                key_hash=hash_api_key(api_key),
+                key_prefix=api_key[:10],
+                signing_secret=key.signing_secret,
+                created_at=db.now(),
+            )
+        )
+    return key
+
+
+async def list_keys(db: Database) -> list[RowMapping]:
+    query = select(
+        api_keys.c.id,
+        api_keys.c.name,
+        api_keys.c.key_prefix,
+        api_keys.c.created_at,
+        api_keys.c.revoked_at,
+    ).order_by(api_keys.c.id)
+    async with db.reader() as conn:
+        return list((await conn.execute(query)).mappings())
+
+
+async def revoke_key(db: Database, key_id: str) -> bool:
+    """Revoke a key at once; False if there is no such key. Revoking twice is not an error."""
+    async with db.transaction() as conn:
+        found = (await conn.execute(select(api_keys.c.id).where(api_keys.c.id == key_id))).first()
+        if found is None:
+            return False
+        await conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=db.now())
+        )
+    return True
+
+
+async def authenticate(db: Database, key_hash: str) -> str | None:
+    """The id of the live key with this hash, or None."""
+    query = select(api_keys.c.id).where(
+        api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)
+    )
+    async with db.reader() as conn:
+        return (await conn.execute(query)).scalar_one_or_none()
+
+
+# --- Subscriptions: the API's side ----------------------------------------------------------
+
+SUBSCRIPTION_COLUMNS = (
+    subscriptions.c.id,
+    subscriptions.c.generation_id,
+    subscriptions.c.callback_url,
+    subscriptions.c.metadata,
+    subscriptions.c.status,
+    generations.c.status.label("generation_status"),
+    subscriptions.c.attempts,
+    subscriptions.c.last_error,
+    subscriptions.c.created_at,
+    subscriptions.c.updated_at,
+    subscriptions.c.delivered_at,
+)
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    key_hash: str
+    generation_id: str
+    callback_url: str
+    metadata_json: str | None
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    """One create's answer: None subscription means the key was not valid."""
+
+    subscription: Mapping[Any, Any] | None
+    created: bool = False
+
+
+@dataclass
+class CreateBatchOutcome:
+    results: list[CreateResult]
+    polls_queued: bool = False
+    deliveries_queued: bool = False
+
+
+async def create_subscriptions(
+    db: Database, requests: Sequence[CreateRequest]
+) -> CreateBatchOutcome:
+    """Create many subscriptions in one transaction (the API batches concurrent creates).
+
+    Idempotent per (key, generation, callback URL) among active subscriptions. Starts polling
+    for generations nobody was waiting for, and queues the delivery at once for generations
+    already known to be final.
+    """
+    for attempt in range(5):
+        try:
+            async with db.transaction() as conn:
+                return await _create_subscriptions(conn, db.now(), requests, db.is_postgres)
+        except IntegrityError:
+            # Another node inserted the same generation or active subscription concurrently:
+            # retrying sees its row and answers it (idempotency across nodes).
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _create_subscriptions(
+    conn: AsyncConnection, now: datetime, requests: Sequence[CreateRequest], postgres: bool
+) -> CreateBatchOutcome:
+    outcome = CreateBatchOutcome(results=[])
+    hashes = {r.key_hash for r in requests}
+    key_rows = await conn.execute(
+        select(api_keys.c.key_hash, api_keys.c.id).where(
+            api_keys.c.key_hash.in_(hashes), api_keys.c.revoked_at.is_(None)
+        )
+    )
+    key_ids: dict[str, str] = {row.key_hash: row.id for row in key_rows}
+
+    valid = [r for r in requests if r.key_hash in key_ids]
+    gen_ids = sorted({r.generation_id for r in valid})
+    gens: dict[str, RowMapping] = {}
+    if gen_ids:
+        gens = await _lock_or_create_generations(conn, now, gen_ids, postgres)
+
+    triples = {(key_ids[r.key_hash], r.generation_id, r.callback_url) for r in valid}
+    existing: dict[tuple[str, str, str], dict[str, Any]] = {}
+    if triples:
+        rows = await conn.execute(
+            select(subscriptions, generations.c.status.label("generation_status"))
+            .join(generations, generations.c.id == subscriptions.c.generation_id)
+            .where(
+                subscriptions.c.status == "active",
+                tuple_(
+                    subscriptions.c.api_key_id,
+                    subscriptions.c.generation_id,
+                    subscriptions.c.callback_url,
+                ).in_(list(triples)),
+            )
+        )
+        for found in rows.mappings():
+            triple = (found["api_key_id"], found["generation_id"], found["callback_url"])
+            existing[triple] = dict(found)
+
+    new_rows: list[dict[str, Any]] = []
+    new_deliveries: list[dict[str, Any]] = []
+    for request in requests:
+        key_id = key_ids.get(request.key_hash)
+        if key_id is None:
+            outcome.results.append(CreateResult(subscription=None))
+            continue
+        triple = (key_id, request.generation_id, request.callback_url)
+        if triple in existing:
+            outcome.results.append(CreateResult(subscription=existing[triple], created=False))
+            continue
+        gen = gens[request.generation_id]
+        row: dict[str, Any] = {
+            "id": new_id("sub"),
+            "api_key_id": key_id,
+            "generation_id": request.generation_id,
+            "callback_url": request.callback_url,
+            "metadata": request.metadata_json,
+            "status": "active",
+            "attempts": 0,
+            "last_error": None,
+            "created_at": now,
+            "updated_at": now,
+            "delivered_at": None,
+        }
+        new_rows.append(row)
+        existing[triple] = {**row, "generation_status": gen["status"]}
+        outcome.results.append(CreateResult(subscription=existing[triple], created=True))
+        if gen["state"] == "final":
+            # Late registration: the result is known, deliver without another poll.
+            new_deliveries.append(
+                _delivery_row(row["id"], EVENT_BY_STATUS[gen["status"]], None, now)
+            )
+        elif (
+            gen["state"] == "polling"
+            and gen["next_poll_at"] is not None
+            and gen["next_poll_at"] <= now
+        ):
+            outcome.polls_queued = True
+    if new_rows:
+        await conn.execute(insert(subscriptions), new_rows)
+    if new_deliveries:
+        await conn.execute(insert(deliveries), new_deliveries)
+        outcome.deliveries_queued = True
+    return outcome
+
+
+async def _lock_or_create_generations(
+    conn: AsyncConnection, now: datetime, gen_ids: list[str], postgres: bool
+) -> dict[str, RowMapping]:
+    """Lock (PostgreSQL) the generations' rows, creating missing ones; wake idle/expired ones."""
+    columns = (
+        generations.c.id,
+        generations.c.state,
+        generations.c.status,
+        generations.c.next_poll_at,
+    )
+    query = select(*columns).where(generations.c.id.in_(gen_ids)).order_by(generations.c.id)
+    if postgres:
+        query = query.with_for_update()
+    found = {row["id"]: row for row in (await conn.execute(query)).mappings()}
+    missing = [gid for gid in gen_ids if gid not in found]
+    if missing:
+        await conn.execute(
+            insert(generations),
+            [
+                {
+                    "id": gid,
+                    "state": "polling",
+                    "status": None,
+                    "first_subscribed_at": now,
+                    "next_poll_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for gid in missing
+            ],
+        )
+    wake = [gid for gid, row in found.items() if row["state"] in ("idle", "expired")]
+    if wake:
+        # A new subscriber gives an idle generation its polling back, and an expired one a
+        # fresh TTL: the relay gave up on it for earlier subscribers, not for this one.
+        await conn.execute(
+            update(generations)
+            .where(generations.c.id.in_(wake))
+            .values(
+                state="polling",
+                next_poll_at=now,
+                updated_at=now,
+                first_subscribed_at=func.coalesce(
+                    # idle keeps its TTL clock; expired starts a new one
+                    _case_expired_now(now),
+                    generations.c.first_subscribed_at,
+                ),
+                not_found_since=None,
+                result=None,
+                unchanged_polls=0,
+                error_count=0,
+            )
+        )
+    if missing or wake:
+        query = select(*columns).where(generations.c.id.in_(gen_ids))
+        found = {row["id"]: row for row in (await conn.execute(query)).mappings()}
+    return found
+
+
+def _case_expired_now(now: datetime) -> Any:
+    return case(
+        (generations.c.state == "expired", literal(now, generations.c.first_subscribed_at.type))
+    )
+
+
+async def get_subscription(db: Database, key_id: str, sub_id: str) -> RowMapping | None:
+    query = (
+        select(*SUBSCRIPTION_COLUMNS)
+        .join(generations, generations.c.id == subscriptions.c.generation_id)
+        .where(subscriptions.c.id == sub_id, subscriptions.c.api_key_id == key_id)
+    )
+    async with db.reader() as conn:
+        return (await conn.execute(query)).mappings().first()
+
+
+async def list_subscriptions(
+    db: Database,
+    key_id: str,
+    *,
+    status: str | None,
+    generation_id: str | None,
+    limit: int,
+    before_id: str | None,
+) -> tuple[list[RowMapping], bool]:
+    """Newest first (ids sort by creation time); returns (rows, whether more exist)."""
+    query = (
+        select(*SUBSCRIPTION_COLUMNS)
+        .join(generations, generations.c.id == subscriptions.c.generation_id)
+        .where(subscriptions.c.api_key_id == key_id)
+        .order_by(subscriptions.c.id.desc())
+        .limit(limit + 1)
+    )
+    if status is not None:
+        query = query.where(subscriptions.c.status == status)
+    if generation_id is not None:
+        query = query.where(subscriptions.c.generation_id == generation_id)
+    if before_id is not None:
+        query = query.where(subscriptions.c.id < before_id)
+    async with db.reader() as conn:
+        rows = list((await conn.execute(query)).mappings())
+    return rows[:limit], len(rows) > limit
+
+
+async def cancel_subscription(db: Database, key_id: str, sub_id: str) -> RowMapping | None:
+    """Cancel an active subscription (a final one stays as it was); None if not this key's.
+
+    Stops polling its generation when no active subscription remains.
+    """
+    now = db.now()
+    async with db.transaction() as conn:
+        gen_id = (
+            await conn.execute(
+                select(subscriptions.c.generation_id).where(
+                    subscriptions.c.id == sub_id, subscriptions.c.api_key_id == key_id
+                )
+            )
+        ).scalar_one_or_none()
+        if gen_id is None:
+            return None
+        lock = select(generations.c.id).where(generations.c.id == gen_id)
+        if db.is_postgres:
+            lock = lock.with_for_update()
+        await conn.execute(lock)
+        changed = await conn.execute(
+            update(subscriptions)
+            .where(subscriptions.c.id == sub_id, subscriptions.c.status == "active")
+            .values(status="canceled", updated_at=now)
+        )
+        if changed.rowcount:
+            await conn.execute(
+                update(deliveries)
+                .where(deliveries.c.subscription_id == sub_id, deliveries.c.status == "pending")
+                .values(status="canceled", next_attempt_at=None, lease_owner=None, updated_at=now)
+            )
+            await _idle_if_unwatched(conn, gen_id, now)
+        return (
+            (
+                await conn.execute(
+                    select(*SUBSCRIPTION_COLUMNS)
+                    .join(generations, generations.c.id == subscriptions.c.generation_id)
+                    .where(subscriptions.c.id == sub_id)
+                )
+            )
+            .mappings()
+            .one()
+        )
+
+
+async def _idle_if_unwatched(conn: AsyncConnection, gen_id: str, now: datetime) -> None:
+    active = (
+        await conn.execute(
+            select(func.count())
+            .select_from(subscriptions)
+            .where(subscriptions.c.generation_id == gen_id, subscriptions.c.status == "active")
+        )
+    ).scalar_one()
+    if active == 0:
+        await conn.execute(
+            update(generations)
+            .where(generations.c.id == gen_id, generations.c.state == "polling")
+            .values(state="idle", next_poll_at=None, lease_owner=None, updated_at=now)
+        )
+
+
+async def list_attempts(db: Database, key_id: str, sub_id: str) -> list[RowMapping] | None:
+    """Oldest first; None if the subscription is not this key's."""
+    async with db.reader() as conn:
+        owned = (
+            await conn.execute(
+                select(subscriptions.c.id).where(
+                    subscriptions.c.id == sub_id, subscriptions.c.api_key_id == key_id
+                )
+            )
+        ).first()
+        if owned is None:
+            return None
+        query = (
+            select(
+                delivery_attempts.c.attempt,
+                delivery_attempts.c.webhook_id,
+                delivery_attempts.c.started_at,
+                delivery_attempts.c.duration_ms,
+                delivery_attempts.c.status_code,
+                delivery_attempts.c.error,
+                delivery_attempts.c.response_excerpt,
+            )
+            .where(delivery_attempts.c.subscription_id == sub_id)
+            .order_by(delivery_attempts.c.id)
+        )
+        return list((await conn.execute(query)).mappings())
+
+
+class RedeliverConflict(Exception):
+    """Nothing to redeliver; the message says why."""
+
+
+async def redeliver(db: Database, key_id: str, sub_id: str) -> RowMapping | None:
+    """Queue the stored final message again, with the same webhook-id.
+
+    None if the subscription is not this key's; RedeliverConflict if there is nothing to send.
+    A delivery still pending is made due now instead of being doubled.
+    """
+    now = db.now()
+    async with db.transaction() as conn:
+        sub = (
+            await conn.execute(
+                select(subscriptions.c.id, subscriptions.c.status).where(
+                    subscriptions.c.id == sub_id, subscriptions.c.api_key_id == key_id
+                )
+            )
+        ).first()
+        if sub is None:
+            return None
+        if sub.status == "canceled":
+            raise RedeliverConflict("the subscription is canceled")
+        last = (
+            (
+                await conn.execute(
+                    select(deliveries)
+                    .where(deliveries.c.subscription_id == sub_id)
+                    .order_by(deliveries.c.id.desc())
+                    .limit(1)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if last is None:
+            raise RedeliverConflict("the generation has no final result yet")
+        if last["status"] == "pending":
+            await conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == last["id"], deliveries.c.lease_owner.is_(None))
+                .values(next_attempt_at=now, updated_at=now)
+            )
+        else:
+            row = _delivery_row(sub_id, last["event"], last["payload"], now)
+            row["webhook_id"] = last["webhook_id"]
+            await conn.execute(insert(deliveries).values(**row))
+        try:
+            await conn.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == sub_id)
+                .values(status="active", updated_at=now)
+            )
+        except IntegrityError:
+            raise RedeliverConflict(
+                "another active subscription of this key has the same generation and callback URL"
+            ) from None
+        return (
+            (
+                await conn.execute(
+                    select(*SUBSCRIPTION_COLUMNS)
+                    .join(generations, generations.c.id == subscriptions.c.generation_id)
+                    .where(subscriptions.c.id == sub_id)
+                )
+            )
+            .mappings()
+            .one()
+        )
+
+
+def _delivery_row(sub_id: str, event: str, payload: str | None, now: datetime) -> dict[str, Any]:
+    return {
+        "subscription_id": sub_id,
+        "webhook_id": new_message_id(),
+        "event": event,
+        "payload": payload,
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "lease_owner": None,
+        "last_error": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+# --- Polling: the worker's side -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedGeneration:
+    id: str
+    status: str | None
+    first_subscribed_at: datetime
+    status_changed_at: datetime | None
+    unchanged_polls: int
+    error_count: int
+    not_found_since: datetime | None
+
+
+async def claim_due_generations(
+    db: Database, owner: str, limit: int, lease_s: float
+) -> list[ClaimedGeneration]:
+    """Lease up to `limit` generations whose poll is due, oldest due first."""
+    now = db.now()
+    due = (
+        select(generations.c.id)
+        .where(generations.c.next_poll_at <= now)
+        .order_by(generations.c.next_poll_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    claim = (
+        update(generations)
+        .where(generations.c.id.in_(due.scalar_subquery()))
+        .values(next_poll_at=now + timedelta(seconds=lease_s), lease_owner=owner)
+        .returning(
+            generations.c.id,
+            generations.c.status,
+            generations.c.first_subscribed_at,
+            generations.c.status_changed_at,
+            generations.c.unchanged_polls,
+            generations.c.error_count,
+            generations.c.not_found_since,
+        )
+    )
+    async with db.transaction() as conn:
+        rows = (await conn.execute(claim)).mappings().all()
+    return [ClaimedGeneration(**row) for row in rows]
+
+
+async def renew_generation_leases(
+    db: Database, owner: str, ids: Sequence[str], lease_s: float
+) -> None:
+    if not ids:
+        return
+    until = db.now() + timedelta(seconds=lease_s)
+    async with db.transaction() as conn:
+        await conn.execute(
+            update(generations)
+            .where(
+                generations.c.id.in_(ids),
+                generations.c.lease_owner == owner,
+                generations.c.state == "polling",
+            )
+            .values(next_poll_at=until)
+        )
+
+
+@dataclass(frozen=True)
+class PollRecord:
+    """What one poll changes on its generation. `event` set: the generation is done
+    (final or given up) and `result` is what every active subscriber gets."""
+
+    generation_id: str
+    values: Mapping[str, Any]
+    event: str | None = None
+    notice_payload: str | None = None
+
+
+async def record_poll(db: Database, owner: str, record: PollRecord) -> bool:
+    """Apply a poll's outcome and, when it ends the generation, queue one delivery per
+    active subscription, in one transaction. False if the lease was lost (nothing written)."""
+    now = db.now()
+    values = dict(record.values)
+    values.setdefault("updated_at", now)
+    async with db.transaction() as conn:
+        changed = await conn.execute(
+            update(generations)
+            .where(
+                generations.c.id == record.generation_id,
+                generations.c.lease_owner == owner,
+                generations.c.state == "polling",
+            )
+            .values(**values)
+        )
+        if changed.rowcount != 1:
+            return False
+        if record.event is not None:
+            sub_ids = (
+                (
+                    await conn.execute(
+                        select(subscriptions.c.id).where(
+                            subscriptions.c.generation_id == record.generation_id,
+                            subscriptions.c.status == "active",
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if sub_ids:
+                await conn.execute(
+                    insert(deliveries),
+                    [
+                        _delivery_row(sid, record.event, record.notice_payload, now)
+                        for sid in sub_ids
+                    ],
+                )
+    return True
+
+
+# --- Delivering: the worker's side ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    id: int
+    subscription_id: str
+    webhook_id: str
+    event: str
+    attempts: int  # attempts of this delivery so far
+    subscription_attempts: int  # attempts of the subscription so far (numbering)
+    callback_url: str
+    signing_secret: str
+    body: bytes
+
+
+async def claim_due_deliveries(
+    db: Database, owner: str, limit: int, lease_s: float
+) -> list[ClaimedDelivery]:
+    """Lease up to `limit` due deliveries with everything needed to send them."""
+    now = db.now()
+    due = (
+        select(deliveries.c.id)
+        .where(deliveries.c.next_attempt_at <= now)
+        .order_by(deliveries.c.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    claim = (
+        update(deliveries)
+        .where(deliveries.c.id.in_(due.scalar_subquery()))
+        .values(next_attempt_at=now + timedelta(seconds=lease_s), lease_owner=owner)
+        .returning(deliveries.c.id)
+    )
+    async with db.transaction() as conn:
+        ids = (await conn.execute(claim)).scalars().all()
+        if not ids:
+            return []
+        rows = (
+            (
+                await conn.execute(
+                    select(
+                        deliveries.c.id,
+                        deliveries.c.subscription_id,
+                        deliveries.c.webhook_id,
+                        deliveries.c.event,
+                        deliveries.c.attempts,
+                        deliveries.c.payload,
+                        subscriptions.c.attempts.label("subscription_attempts"),
+                        subscriptions.c.callback_url,
+                        api_keys.c.signing_secret,
+                        generations.c.result,
+                    )
+                    .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
+                    .join(api_keys, api_keys.c.id == subscriptions.c.api_key_id)
+                    .join(generations, generations.c.id == subscriptions.c.generation_id)
+                    .where(deliveries.c.id.in_(ids))
+                )
+            )
+            .mappings()
+            .all()
+        )
+    claimed = []
+    for row in rows:
+        body = row["payload"] if row["payload"] is not None else row["result"]
+        claimed.append(
+            ClaimedDelivery(
+                id=row["id"],
+                subscription_id=row["subscription_id"],
+                webhook_id=row["webhook_id"],
+                event=row["event"],
+                attempts=row["attempts"],
+                subscription_attempts=row["subscription_attempts"],
+                callback_url=row["callback_url"],
+                signing_secret=row["signing_secret"],
+                body=(body or "{}").encode(),
+            )
+        )
+    return claimed
+
+
+async def renew_delivery_leases(
+    db: Database, owner: str, ids: Sequence[int], lease_s: float
+) -> None:
+    if not ids:
+        return
+    until = db.now() + timedelta(seconds=lease_s)
+    async with db.transaction() as conn:
+        await conn.execute(
+            update(deliveries)
+            .where(
+                deliveries.c.id.in_(ids),
+                deliveries.c.lease_owner == owner,
+                deliveries.c.status == "pending",
+            )
+            .values(next_attempt_at=until)
+        )
+
+
+async def defer_deliveries(db: Database, owner: str, ids: Sequence[int], delay_s: float) -> None:
+    """Give leased deliveries back unattempted, due again after `delay_s` (host at capacity)."""
+    if not ids:
+        return
+    until = db.now() + timedelta(seconds=delay_s)
+    async with db.transaction() as conn:
+        await conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
+            .values(next_attempt_at=until, lease_owner=None)
+        )
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    delivery_id: int
+    subscription_id: str
+    webhook_id: str
+    event: str
+    attempt_number: int  # the subscription-wide number sent as relay-attempt
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+    response_excerpt: str | None
+    action: str  # done | retry | fail
+    retry_at: datetime | None
+
+
+async def record_attempts(db: Database, owner: str, records: Sequence[AttemptRecord]) -> None:
+    """Record finished attempts and apply their decisions, in one transaction.
+
+    Each attempt row is kept even if the lease was lost (it happened); the delivery and the
+    subscription change only while the lease is still ours.
+    """
+    if not records:
+        return
+    now = db.now()
+    async with db.transaction() as conn:
+        await conn.execute(
+            insert(delivery_attempts),
+            [
+                {
+                    "delivery_id": r.delivery_id,
+                    "subscription_id": r.subscription_id,
+                    "attempt": r.attempt_number,
+                    "webhook_id": r.webhook_id,
+                    "started_at": r.started_at,
+                    "duration_ms": r.duration_ms,
+                    "status_code": r.status_code,
+                    "error": r.error,
+                    "response_excerpt": r.response_excerpt,
+                }
+                for r in records
+            ],
+        )
+        for r in records:
+            delivery_status = {"done": "delivered", "fail": "failed"}.get(r.action, "pending")
+            error = None if r.action == "done" else _error_text(r)
+            held = await conn.execute(
+                update(deliveries)
+                .where(
+                    deliveries.c.id == r.delivery_id,
+                    deliveries.c.lease_owner == owner,
+                    deliveries.c.status == "pending",
+                )
+                .values(
+                    attempts=deliveries.c.attempts + 1,
+                    status=delivery_status,
+                    next_attempt_at=r.retry_at if r.action == "retry" else None,
+                    lease_owner=None,
+                    last_error=error,
+                    updated_at=now,
+                )
+            )
+            sub_values: dict[str, Any] = {
+                "attempts": subscriptions.c.attempts + 1,
+                "updated_at": now,
+                "last_error": error,
+            }
+            if held.rowcount == 1 and r.action != "retry":
+                if r.event == EXPIRED_EVENT:
+                    final_status = "expired"
+                else:
+                    final_status = "delivered" if r.action == "done" else "failed"
+                # Only an active subscription changes status: a canceled one stays canceled.
+                sub_values["status"] = case(
+                    (subscriptions.c.status == "active", final_status), else_=subscriptions.c.status
+                )
+                if r.action == "done":
+                    sub_values["delivered_at"] = now
+            await conn.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == r.subscription_id)
+                .values(**sub_values)
+            )
+
+
+def _error_text(r: AttemptRecord) -> str:
+    if r.error:
+        return r.error
+    return f"HTTP {r.status_code}"
+
+
+# --- Housekeeping ---------------------------------------------------------------------------
+
+
+async def prune(db: Database, older_than_s: float, batch: int = 500) -> int:
+    """Delete finished subscriptions (and their deliveries and attempts) and finished
+    generations older than the retention period, in batches; one node at a time.
+    Returns the number of subscriptions deleted."""
+    cutoff = db.now() - timedelta(seconds=older_than_s)
+    total = 0
+    while True:
+        async with db.transaction() as conn:
+            if db.is_postgres:
+                got = (
+                    await conn.execute(
+                        text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": PRUNE_LOCK_ID}
+                    )
+                ).scalar_one()
+                if not got:
+                    return total
+            ids = (
+                (
+                    await conn.execute(
+                        select(subscriptions.c.id)
+                        .where(
+                            subscriptions.c.status != "active", subscriptions.c.updated_at < cutoff
+                        )
+                        .limit(batch)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if ids:
+                await conn.execute(
+                    delete(delivery_attempts).where(delivery_attempts.c.subscription_id.in_(ids))
+                )
+                await conn.execute(delete(deliveries).where(deliveries.c.subscription_id.in_(ids)))
+                await conn.execute(delete(subscriptions).where(subscriptions.c.id.in_(ids)))
+            else:
+                orphaned = (
+                    select(generations.c.id)
+                    .where(
+                        generations.c.state != "polling",
+                        generations.c.updated_at < cutoff,
+                        ~select(subscriptions.c.id)
+                        .where(subscriptions.c.generation_id == generations.c.id)
+                        .exists(),
+                    )
+                    .limit(batch)
+                )
+                gen_ids = (await conn.execute(orphaned)).scalars().all()
+                if gen_ids:
+                    await conn.execute(delete(generations).where(generations.c.id.in_(gen_ids)))
+        total += len(ids)
+        if not ids and not gen_ids:
+            return total

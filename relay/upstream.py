@@ -1,0 +1,144 @@
+"""The upstream client: one poll of `GET {base}/v1/generation/{id}`, classified.
+
+Owns the upstream's quirks so the poller need not: statuses are case-insensitive and the old
+vocabulary is mapped (SUCCEEDED → COMPLETED, CANCELLED → CANCELED, STARTING → IN_QUEUE,
+PROCESSING → IN_PROGRESS); an unknown status is non-terminal. A 200 body must be a JSON object
+with a string `status`, and is kept as the exact text upstream sent. Everything that goes
+wrong becomes a `PollResult` kind, never an exception.
+
+The httpx transport is injectable (`transport=`), so tests can swap the network without
+patching; the default keeps a connection pool sized to the poller's concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import quote
+
+import httpx
+import orjson
+
+from relay import __version__
+from relay.retry import parse_retry_after
+
+logger = logging.getLogger(__name__)
+
+FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED"})
+_ALIASES = {
+    "SUCCEEDED": "COMPLETED",
+    "SUCCESS": "COMPLETED",
+    "CANCELLED": "CANCELED",
+    "STARTING": "IN_QUEUE",
+    "QUEUED": "IN_QUEUE",
+    "PROCESSING": "IN_PROGRESS",
+}
+
+PollKind = Literal["ok", "not_found", "unauthorized", "rate_limited", "error"]
+
+
+def normalize_status(raw: str) -> str:
+    """The canonical upper-case status for any spelling upstream has used."""
+    status = raw.strip().upper().replace("-", "_").replace(" ", "_")
+    return _ALIASES.get(status, status)
+
+
+@dataclass(frozen=True)
+class PollResult:
+    kind: PollKind
+    status: str | None = None  # normalised, when kind == "ok"
+    body: str | None = None  # the body exactly as sent, when kind == "ok"
+    http_status: int | None = None
+    retry_after_s: float | None = None
+    error: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.kind == "ok" and self.status in FINAL_STATUSES
+
+
+class UpstreamClient:
+    """Polls one generation at a time; safe to share between concurrent tasks."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        timeout_s: float,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"accept": "application/json", "user-agent": f"relay/{__version__}"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._base = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=False,
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def poll(self, generation_id: str) -> PollResult:
+        url = f"{self._base}/v1/generation/{quote(generation_id, safe='')}"
+        try:
+            response = await self._client.get(url)
+        except httpx.TimeoutException:
+            return PollResult(kind="error", error="upstream timed out")
+        except httpx.HTTPError as exc:
+            return PollResult(kind="error", error=f"upstream unreachable: {type(exc).__name__}")
+        return classify(response.status_code, response.content, response.headers.get("retry-after"))
+
+
+def classify(http_status: int, content: bytes, retry_after: str | None) -> PollResult:
+    """Turn one upstream answer into a PollResult (pure)."""
+    if http_status == 200:
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return PollResult(kind="error", http_status=200, error="upstream sent malformed JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+            return PollResult(
+                kind="error", http_status=200, error="upstream body has no string status"
+            )
+        status = normalize_status(body["status"])
+        return PollResult(
+            kind="ok", status=status, body=content.decode("utf-8", "replace"), http_status=200
+        )
+    error = f"upstream answered HTTP {http_status}{_error_code(content)}"
+    if http_status == 404:
+        return PollResult(kind="not_found", http_status=404, error=error)
+    if http_status in (401, 403):
+        return PollResult(kind="unauthorized", http_status=http_status, error=error)
+    if http_status == 429:
+        return PollResult(
+            kind="rate_limited",
+            http_status=429,
+            retry_after_s=parse_retry_after(retry_after, time.time()),
+            error=error,
+        )
+    retry_after_s = parse_retry_after(retry_after, time.time()) if http_status == 503 else None
+    return PollResult(
+        kind="error", http_status=http_status, retry_after_s=retry_after_s, error=error
+    )
+
+
+def _error_code(content: bytes) -> str:
+    """The machine code of an upstream error body, parsed defensively, for logs and last_error."""
+    try:
+        body = orjson.loads(content[:4096])
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    code = body.get("code") or body.get("error")
+    return f" ({str(code)[:80]})" if code else ""
