@@ -17,8 +17,8 @@ It must not import other relay modules, touch a database, or read the environmen
 through `FakeUpstreamConfig.from_env(environ)`. State lives in one process and is not
 thread-safe: mutate it from the event loop that serves it (or over HTTP).
 
-The poll route is the hot path (benchmarks send thousands of polls per second), so it is a bare
-ASGI callable that answers with bodies serialised once per lifecycle phase.
+Polls are the hot path (benchmarks send thousands per second): a small ASGI middleware answers
+them ahead of Starlette's router, with bodies serialised once per lifecycle phase.
 
 HTTP surface (see `FakeUpstream` for the JSON shapes):
 
@@ -140,8 +140,16 @@ class InvalidSpec(ValueError):
     """A generation spec or fault setting is not acceptable (HTTP 400 on the control API)."""
 
 
-class DuplicateId(InvalidSpec):
-    """A generation with this id exists already (HTTP 409 on the control API)."""
+class Conflict(InvalidSpec):
+    """The request contradicts the current state (HTTP 409 on the control API)."""
+
+
+class DuplicateId(Conflict):
+    """A generation with this id exists already."""
+
+
+class AlreadyFinal(Conflict):
+    """finish() with another status than the one the generation already ended with."""
 
 
 class UnknownGeneration(KeyError):
@@ -374,9 +382,6 @@ class Generation:
         """The canonical (upper-case) status at `now_mono`."""
         phase = self.phase_at(now_mono)
         return self.final_status if phase == 2 else STATUSES[phase]
-
-    def wall(self, mono: float) -> float:
-        return mono + self.wall_offset_s
 
     @property
     def final_at(self) -> float:
@@ -769,7 +774,7 @@ class FakeUpstream:
         """Make `gen_id` final now (with `status`, default its scripted one).
 
         Idempotent if it is already final with that status; raises UnknownGeneration, or
-        InvalidSpec if it is already final with another status.
+        AlreadyFinal if it is already final with another status.
         """
         gen = self.generations.get(gen_id)
         if gen is None:
@@ -779,7 +784,7 @@ class FakeUpstream:
         now = time.monotonic()
         if gen.phase_at(now) == 2:
             if status is not None and status != gen.final_status:
-                raise InvalidSpec(f"{gen_id} is already final as {gen.final_status}")
+                raise AlreadyFinal(f"{gen_id} is already final as {gen.final_status}")
             return gen
         if status is not None and status != gen.final_status:
             gen.final_status = status
@@ -981,7 +986,7 @@ class FakeUpstream:
 
     @staticmethod
     def _control_error(request: Request, exc: Exception) -> Response:
-        if isinstance(exc, DuplicateId):
+        if isinstance(exc, Conflict):
             return _json_response({"error": "conflict", "message": str(exc)}, 409)
         if isinstance(exc, InvalidSpec):
             return _json_response({"error": "bad_request", "message": str(exc)}, 400)

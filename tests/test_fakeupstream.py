@@ -490,7 +490,7 @@ async def test_finish_makes_a_generation_final_now(client: httpx.AsyncClient) ->
     other = await client.post(
         f"/_fake/generations/{created['id']}/finish", json={"status": "COMPLETED"}
     )
-    assert other.status_code == 400
+    assert other.status_code == 409
     missing = await client.post("/_fake/generations/gen_nope/finish")
     assert missing.status_code == 404
 
