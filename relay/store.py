@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import case, delete, func, insert, literal, select, text, tuple_, update
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
@@ -38,6 +38,14 @@ EVENT_BY_STATUS = {
 }
 EXPIRED_EVENT = "generation.expired"
 PRUNE_LOCK_ID = 0x72656C6170  # advisory lock: one pruning node at a time
+
+
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock, serialization failure
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    """A conflict between nodes that a retry of the whole transaction resolves."""
+    return getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
 def hash_api_key(api_key: str) -> str:
@@ -162,10 +170,10 @@ async def create_subscriptions(
         try:
             async with db.transaction() as conn:
                 return await _create_subscriptions(conn, db.now(), requests, db.is_postgres)
-        except IntegrityError:
-            # Another node inserted the same generation or active subscription concurrently:
-            # retrying sees its row and answers it (idempotency across nodes).
-            if attempt == 4:
+        except DBAPIError as exc:
+            # Another node inserted the same generation or active subscription concurrently
+            # (retrying sees its row and answers it: idempotency across nodes), or a deadlock.
+            if attempt == 4 or not (isinstance(exc, IntegrityError) or _is_transient(exc)):
                 raise
     raise AssertionError("unreachable")
 
@@ -583,14 +591,21 @@ async def renew_generation_leases(
     if not ids:
         return
     until = db.now() + timedelta(seconds=lease_s)
+    # SKIP LOCKED: a row busy in another transaction is renewed next round instead of
+    # making this multi-row update wait (and deadlock) on it.
+    held = (
+        select(generations.c.id)
+        .where(
+            generations.c.id.in_(ids),
+            generations.c.lease_owner == owner,
+            generations.c.state == "polling",
+        )
+        .with_for_update(skip_locked=True)
+    )
     async with db.transaction() as conn:
         await conn.execute(
             update(generations)
-            .where(
-                generations.c.id.in_(ids),
-                generations.c.lease_owner == owner,
-                generations.c.state == "polling",
-            )
+            .where(generations.c.id.in_(held.scalar_subquery()))
             .values(next_poll_at=until)
         )
 
@@ -606,7 +621,7 @@ class PollRecord:
     notice_payload: str | None = None
 
 
-async def record_poll(db: Database, owner: str, record: PollRecord) -> bool:
+async def _record_poll_once(db: Database, owner: str, record: PollRecord) -> bool:
     """Apply a poll's outcome and, when it ends the generation, queue one delivery per
     active subscription, in one transaction. False if the lease was lost (nothing written)."""
     now = db.now()
@@ -646,6 +661,18 @@ async def record_poll(db: Database, owner: str, record: PollRecord) -> bool:
                     ],
                 )
     return True
+
+
+async def record_poll(db: Database, owner: str, record: PollRecord) -> bool:
+    """Apply a poll's outcome and, when it ends the generation, queue one delivery per
+    active subscription, in one transaction. False if the lease was lost (nothing written)."""
+    for attempt in range(5):
+        try:
+            return await _record_poll_once(db, owner, record)
+        except DBAPIError as exc:
+            if attempt == 4 or not _is_transient(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 # --- Delivering: the worker's side ----------------------------------------------------------
@@ -735,14 +762,19 @@ async def renew_delivery_leases(
     if not ids:
         return
     until = db.now() + timedelta(seconds=lease_s)
+    held = (
+        select(deliveries.c.id)
+        .where(
+            deliveries.c.id.in_(ids),
+            deliveries.c.lease_owner == owner,
+            deliveries.c.status == "pending",
+        )
+        .with_for_update(skip_locked=True)
+    )
     async with db.transaction() as conn:
         await conn.execute(
             update(deliveries)
-            .where(
-                deliveries.c.id.in_(ids),
-                deliveries.c.lease_owner == owner,
-                deliveries.c.status == "pending",
-            )
+            .where(deliveries.c.id.in_(held.scalar_subquery()))
             .values(next_attempt_at=until)
         )
 
@@ -776,7 +808,7 @@ class AttemptRecord:
     retry_at: datetime | None
 
 
-async def record_attempts(db: Database, owner: str, records: Sequence[AttemptRecord]) -> None:
+async def _record_attempts_once(db: Database, owner: str, records: Sequence[AttemptRecord]) -> None:
     """Record finished attempts and apply their decisions, in one transaction.
 
     Each attempt row is kept even if the lease was lost (it happened); the delivery and the
@@ -843,6 +875,19 @@ async def record_attempts(db: Database, owner: str, records: Sequence[AttemptRec
                 .where(subscriptions.c.id == r.subscription_id)
                 .values(**sub_values)
             )
+
+
+async def record_attempts(db: Database, owner: str, records: Sequence[AttemptRecord]) -> None:
+    """Record finished attempts and apply their decisions, in one transaction (retried
+    whole on a deadlock; rows are updated in id order so nodes rarely meet one)."""
+    ordered = sorted(records, key=lambda r: r.delivery_id)
+    for attempt in range(5):
+        try:
+            await _record_attempts_once(db, owner, ordered)
+            return
+        except DBAPIError as exc:
+            if attempt == 4 or not _is_transient(exc):
+                raise
 
 
 def _error_text(r: AttemptRecord) -> str:

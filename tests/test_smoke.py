@@ -25,7 +25,12 @@ async def test_subscription_gets_a_signed_callback(db_url: str, fake_upstream, r
             )
             assert created.status_code == 201, created.text
             await wait_for(lambda: receiver.on("/hook"), timeout_s=10)
-            sub = (await client.get(f"/v1/subscriptions/{created.json()['id']}")).json()
+
+            async def delivered() -> bool:
+                sub = (await client.get(f"/v1/subscriptions/{created.json()['id']}")).json()
+                return bool(sub["status"] == "delivered" and sub["attempts"] == 1)
+
+            await wait_for(delivered, timeout_s=10)
     callback = receiver.on("/hook")[0]
     Webhook(key.signing_secret).verify(callback.body, callback.headers)
     body = orjson.loads(callback.body)

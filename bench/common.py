@@ -1,0 +1,90 @@
+"""Helpers shared by the benchmark scenarios: databases, keys, the results table."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PG_ADMIN_URL = os.environ.get("RELAY_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@dataclass
+class Row:
+    scenario: str
+    database: str
+    metric: str
+    value: str
+    note: str = ""
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, scenario: str, database: str, metric: str, value: str, note: str = "") -> None:
+        row = Row(scenario, database, metric, value, note)
+        self.rows.append(row)
+        print(f"  {scenario:<12} {database:<10} {metric:<44} {value:>14}  {note}", flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| scenario | database | metric | value | note |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r.scenario} | {r.database} | {r.metric} | {r.value} | {r.note} |"
+            for r in self.rows
+        ]
+        return "\n".join(lines)
+
+
+def new_database(kind: str, workdir: Path) -> str:
+    """A new empty database of `kind` (sqlite or postgres), migrated; returns its URL."""
+    if kind == "sqlite":
+        path = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
+        url = f"sqlite+aiosqlite:///{path}"
+    else:
+        name = f"relay_bench_{uuid.uuid4().hex[:10]}"
+        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+        url = (
+            PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+            + f"/{name}"
+        )
+    subprocess.run(
+        [sys.executable, "-m", "relay.cli", "migrate"],
+        env={**os.environ, "RELAY_DATABASE_URL": url, "RELAY_LOG_LEVEL": "WARNING"},
+        check=True,
+        capture_output=True,
+    )
+    return url
+
+
+def drop_database(url: str) -> None:
+    if url.startswith("postgresql"):
+        name = url.rsplit("/", 1)[1]
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} {platform.release()}"

@@ -1,0 +1,139 @@
+"""Delivery: callbacks per second sustained from a backlog of final results.
+
+A backlog of N subscriptions to generations already final (written through relay's own store,
+so each gets its delivery queued as a late registration), then one `relay serve --role
+worker` process drains it into a receiver process reached as ten different hosts
+(127.0.0.1-10). Run twice: every receiver fast; then one host in ten hanging until the
+delivery timeout. The rate is measured at the receiver, on the fast hosts only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import orjson
+from sqlalchemy import insert
+
+from bench.common import Results, drop_database, new_database
+from bench.harness import cluster
+from relay import store
+from relay.database import open_database
+from relay.models import generations
+
+HOSTS = 10
+BODY = {
+    "id": "",
+    "status": "COMPLETED",
+    "input": {"prompt": "a cat", "aspect_ratio": "1:1"},
+    "data": {
+        "type": "image",
+        "images": [{"url": "https://cdn.example.com/x.png", "width": 1024}],
+        "pad": "x" * 300,
+    },
+    "usage": {"total": 20, "subscription": 20, "permanent": 0},
+}
+
+
+async def make_backlog(url: str, count: int, receiver_port: int, hanging: bool, tag: str) -> int:
+    """Queue `count` deliveries; returns how many go to fast hosts."""
+    db = open_database(url)
+    key = await store.create_key(db, f"delivery-{tag}")
+    now = datetime.now(UTC)
+    rows = []
+    for i in range(count):
+        body = dict(BODY, id=f"gen_{tag}_{i}")
+        rows.append(
+            {
+                "id": f"gen_{tag}_{i}",
+                "state": "final",
+                "status": "COMPLETED",
+                "result": orjson.dumps(body).decode(),
+                "first_subscribed_at": now,
+                "final_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    async with db.transaction() as conn:
+        for start in range(0, count, 1000):
+            await conn.execute(insert(generations), rows[start : start + 1000])
+    key_hash = store.hash_api_key(key.api_key)
+    fast = 0
+    requests = []
+    for i in range(count):
+        host = 1 + i % HOSTS
+        hang = hanging and host == HOSTS
+        fast += not hang
+        callback = f"http://127.0.0.{host}:{receiver_port}/{'hang' if hang else 'ok'}/{i}"
+        requests.append(store.CreateRequest(key_hash, f"gen_{tag}_{i}", callback, None))
+    for start in range(0, count, 500):
+        await store.create_subscriptions(db, requests[start : start + 500])
+    await db.dispose()
+    return fast
+
+
+def _drain(results: Results, database: str, workdir: Path, count: int, hanging: bool) -> float:
+    url = new_database(database, workdir)
+    label = "10% hanging" if hanging else "all fast"
+    try:
+        with cluster(workdir / f"delivery-{database}-{int(hanging)}") as c:
+            receiver = c.receiver(host="0.0.0.0")
+            port = int(receiver.url.rsplit(":", 1)[1])
+            fast = asyncio.run(make_backlog(url, count, port, hanging, "d"))
+            env = {
+                "RELAY_DATABASE_URL": url,
+                "RELAY_UPSTREAM_API_KEY": "unused",
+                "RELAY_UPSTREAM_URL": "http://127.0.0.1:9",
+                "RELAY_ALLOW_PRIVATE_CALLBACKS": "true",
+                "RELAY_LOG_LEVEL": "WARNING",
+            }
+            started = time.time()
+            c.relay("relay", env, role="worker").start()
+            deadline = time.monotonic() + 600
+            total = 0
+            while time.monotonic() < deadline:
+                total = httpx.get(f"{receiver.url}/_stats", timeout=30).json()["total"]
+                if total >= fast:
+                    break
+                time.sleep(0.5)
+            arrivals = httpx.get(f"{receiver.url}/_arrivals", timeout=60).json()
+    finally:
+        drop_database(url)
+    times = sorted(a[2] for a in arrivals if "/ok/" in a[3])
+    if len(times) < fast:
+        results.add(
+            "delivery",
+            database,
+            f"callbacks/s ({label})",
+            "incomplete",
+            f"{len(times)}/{fast} arrived",
+        )
+        return 0.0
+    rate = len(times) / (times[-1] - times[0])
+    first_s = times[0] - started
+    results.add(
+        "delivery",
+        database,
+        f"callbacks/s ({label})",
+        f"{rate:.0f}",
+        f"{fast} callbacks to fast hosts of {count}; first arrived {first_s:.1f} s after start",
+    )
+    return rate
+
+
+def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
+    count = 3000 if quick else 20000
+    fast_rate = _drain(results, database, workdir, count, hanging=False)
+    hanging_rate = _drain(results, database, workdir, count, hanging=True)
+    if fast_rate:
+        results.add(
+            "delivery",
+            database,
+            "rate with 10% hanging / rate all fast",
+            f"{hanging_rate / fast_rate:.0%}",
+            "hanging host answers nothing until RELAY_DELIVERY_TIMEOUT (15 s)",
+        )
