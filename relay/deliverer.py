@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -153,6 +153,10 @@ class Deliverer:
         self._owner = owner
         self._rand = rand
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        # Claimed deliveries waiting for a slot of their host, at most `per_host` per host;
+        # their leases are renewed like those in flight.
+        self._waiting: defaultdict[str, deque[store.ClaimedDelivery]] = defaultdict(deque)
+        self._waiting_count = 0
         self._per_host: defaultdict[str, int] = defaultdict(int)
         self._slot_freed = asyncio.Event()
         self._draining = False
@@ -161,7 +165,9 @@ class Deliverer:
 
     @property
     def in_flight_ids(self) -> list[int]:
-        return list(self._in_flight)
+        """Every delivery this process holds a lease on: sending or waiting for its host."""
+        waiting = [d.id for queue in self._waiting.values() for d in queue]
+        return [*self._in_flight, *waiting]
 
     async def tick(self) -> None:
         if self._draining or self._closing:
@@ -175,10 +181,12 @@ class Deliverer:
             self._draining = False
 
     async def _drain(self) -> None:
+        """Claim while there is room; stop when nothing is due or every due delivery belongs
+        to a host already at its limit (those go back to the table for a moment)."""
         concurrency = self._settings.delivery_concurrency
         per_host = self._settings.delivery_per_host
         while not self._closing:
-            free = concurrency - len(self._in_flight)
+            free = concurrency - len(self._in_flight) - self._waiting_count
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -189,21 +197,39 @@ class Deliverer:
             )
             deferred: list[int] = []
             for delivery in claimed:
-                host = host_of(delivery.callback_url)
                 if delivery.id in self._in_flight:
-                    continue
-                if self._per_host[host] >= per_host:
+                    continue  # our own lease ran out while sending it; that send records
+                host = host_of(delivery.callback_url)
+                if self._per_host[host] < per_host:
+                    self._start(delivery, host)
+                elif len(self._waiting[host]) < per_host:
+                    self._waiting[host].append(delivery)
+                    self._waiting_count += 1
+                else:
                     deferred.append(delivery.id)
-                    continue
-                self._per_host[host] += 1
-                task = asyncio.create_task(self._deliver(delivery, host))
-                self._in_flight[delivery.id] = task
             if deferred:
                 await store.defer_deliveries(
                     self._db, self._owner, deferred, DEFER_S * (0.5 + self._rand())
                 )
-            if len(claimed) < want:
+            if len(claimed) < want or len(deferred) == len(claimed):
                 return
+
+    def _start(self, delivery: store.ClaimedDelivery, host: str) -> None:
+        self._per_host[host] += 1
+        self._in_flight[delivery.id] = asyncio.create_task(self._deliver(delivery, host))
+
+    def _finished(self, delivery_id: int, host: str) -> None:
+        self._in_flight.pop(delivery_id, None)
+        self._per_host[host] -= 1
+        queue = self._waiting.get(host)
+        if queue:
+            self._waiting_count -= 1
+            self._start(queue.popleft(), host)
+            if not queue:
+                del self._waiting[host]
+        elif self._per_host[host] <= 0:
+            del self._per_host[host]
+        self._slot_freed.set()
 
     async def _deliver(self, delivery: store.ClaimedDelivery, host: str) -> None:
         try:
@@ -255,11 +281,7 @@ class Deliverer:
             # The lease runs out and the delivery is tried again: nothing is lost.
             logger.exception("delivery %s failed unexpectedly", delivery.id)
         finally:
-            self._per_host[host] -= 1
-            if self._per_host[host] <= 0:
-                del self._per_host[host]
-            self._in_flight.pop(delivery.id, None)
-            self._slot_freed.set()
+            self._finished(delivery.id, host)
 
     async def _write_records(self, records: Sequence[store.AttemptRecord]) -> list[None]:
         await store.record_attempts(self._db, self._owner, records)
@@ -271,8 +293,14 @@ class Deliverer:
         )
 
     async def close(self) -> None:
+        """Stop claiming, hand waiting deliveries back, let those in flight finish."""
         self._closing = True
         self._slot_freed.set()
+        waiting = [d.id for queue in self._waiting.values() for d in queue]
+        self._waiting.clear()
+        self._waiting_count = 0
+        if waiting:
+            await store.defer_deliveries(self._db, self._owner, waiting, 0.0)
         tasks = list(self._in_flight.values())
         if tasks:
             await asyncio.wait(tasks, timeout=self._settings.delivery_timeout_s + 1)

@@ -20,14 +20,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, literal, select, text, tuple_, update
+from sqlalchemy import bindparam, case, delete, func, insert, literal, select, text, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
 from relay.ids import new_id
-from relay.models import api_keys, deliveries, delivery_attempts, generations, subscriptions
+from relay.models import (
+    UTCDateTime,
+    api_keys,
+    deliveries,
+    delivery_attempts,
+    generations,
+    subscriptions,
+)
 from relay.signing import generate_secret, new_message_id
 
 FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED"})
@@ -835,45 +842,95 @@ async def _record_attempts_once(db: Database, owner: str, records: Sequence[Atte
                 for r in records
             ],
         )
+        # Which leases are still ours (locked, so no node can take one before we update it).
+        ids = [r.delivery_id for r in records]
+        held_query = select(deliveries.c.id).where(
+            deliveries.c.id.in_(ids),
+            deliveries.c.lease_owner == owner,
+            deliveries.c.status == "pending",
+        )
+        if db.is_postgres:
+            held_query = held_query.with_for_update()
+        held = set((await conn.execute(held_query)).scalars())
+        delivery_updates = []
+        settled: list[dict[str, Any]] = []  # subscriptions whose delivery ended
+        retried: list[dict[str, Any]] = []
         for r in records:
-            delivery_status = {"done": "delivered", "fail": "failed"}.get(r.action, "pending")
             error = None if r.action == "done" else _error_text(r)
-            held = await conn.execute(
+            if r.delivery_id in held:
+                delivery_updates.append(
+                    {
+                        "d_id": r.delivery_id,
+                        "d_status": {"done": "delivered", "fail": "failed"}.get(
+                            r.action, "pending"
+                        ),
+                        "d_next": r.retry_at if r.action == "retry" else None,
+                        "d_error": error,
+                    }
+                )
+            if r.delivery_id in held and r.action != "retry":
+                if r.event == EXPIRED_EVENT:
+                    final_status = "expired"
+                else:
+                    final_status = "delivered" if r.action == "done" else "failed"
+                settled.append(
+                    {
+                        "s_id": r.subscription_id,
+                        "s_error": error,
+                        "s_status": final_status,
+                        "s_delivered_at": now if r.action == "done" else None,
+                    }
+                )
+            else:
+                retried.append({"s_id": r.subscription_id, "s_error": error})
+        if delivery_updates:
+            await conn.execute(
                 update(deliveries)
                 .where(
-                    deliveries.c.id == r.delivery_id,
+                    deliveries.c.id == bindparam("d_id"),
                     deliveries.c.lease_owner == owner,
                     deliveries.c.status == "pending",
                 )
                 .values(
                     attempts=deliveries.c.attempts + 1,
-                    status=delivery_status,
-                    next_attempt_at=r.retry_at if r.action == "retry" else None,
+                    status=bindparam("d_status"),
+                    next_attempt_at=bindparam("d_next"),
                     lease_owner=None,
-                    last_error=error,
+                    last_error=bindparam("d_error"),
                     updated_at=now,
-                )
+                ),
+                delivery_updates,
             )
-            sub_values: dict[str, Any] = {
-                "attempts": subscriptions.c.attempts + 1,
-                "updated_at": now,
-                "last_error": error,
-            }
-            if held.rowcount == 1 and r.action != "retry":
-                if r.event == EXPIRED_EVENT:
-                    final_status = "expired"
-                else:
-                    final_status = "delivered" if r.action == "done" else "failed"
-                # Only an active subscription changes status: a canceled one stays canceled.
-                sub_values["status"] = case(
-                    (subscriptions.c.status == "active", final_status), else_=subscriptions.c.status
-                )
-                if r.action == "done":
-                    sub_values["delivered_at"] = now
+        if settled:
             await conn.execute(
                 update(subscriptions)
-                .where(subscriptions.c.id == r.subscription_id)
-                .values(**sub_values)
+                .where(subscriptions.c.id == bindparam("s_id"))
+                .values(
+                    attempts=subscriptions.c.attempts + 1,
+                    updated_at=now,
+                    last_error=bindparam("s_error"),
+                    # Only an active subscription changes status: a canceled one stays so.
+                    status=case(
+                        (subscriptions.c.status == "active", bindparam("s_status")),
+                        else_=subscriptions.c.status,
+                    ),
+                    delivered_at=func.coalesce(
+                        bindparam("s_delivered_at", type_=UTCDateTime()),
+                        subscriptions.c.delivered_at,
+                    ),
+                ),
+                settled,
+            )
+        if retried:
+            await conn.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == bindparam("s_id"))
+                .values(
+                    attempts=subscriptions.c.attempts + 1,
+                    updated_at=now,
+                    last_error=bindparam("s_error"),
+                ),
+                retried,
             )
 
 

@@ -70,11 +70,19 @@ async def _subscribe_all(
         async def one(n: int, gen_id: str, url: str) -> None:
             async with semaphore:
                 node = nodes[n % len(nodes)]
-                answer = await client.post(
-                    f"{node.url}/v1/subscriptions",
-                    json={"generation_id": gen_id, "callback_url": url},
-                )
-                assert answer.status_code == 201, answer.text
+                for attempt in range(3):
+                    try:
+                        answer = await client.post(
+                            f"{node.url}/v1/subscriptions",
+                            json={"generation_id": gen_id, "callback_url": url},
+                        )
+                        break
+                    except httpx.TransportError:
+                        # A keep-alive connection closed under us: creates are idempotent,
+                        # so retrying is what a client should do (200 if it had landed).
+                        if attempt == 2:
+                            raise
+                assert answer.status_code in (200, 201), answer.text
                 created.append((answer.json()["id"], gen_id))
 
         async with asyncio.timeout(180):
