@@ -48,8 +48,8 @@ class Worker:
         tick_s = tick_interval_s(self.settings)
         lease_s = self.settings.lease_s
         jobs = (
-            (self.poller.tick, tick_s, "poll"),
-            (self.deliverer.tick, tick_s, "deliver"),
+            (self._tick_poller, tick_s, "poll"),
+            (self._tick_deliverer, tick_s, "deliver"),
             (self._renew_leases, lease_s / 3, "renew-leases"),
             (self.db.sync_clock, CLOCK_SYNC_S, "clock"),
             (self._prune, PRUNE_EVERY_S, "prune"),
@@ -66,6 +66,14 @@ class Worker:
                 next_run_time=datetime.now(UTC),
             )
         self._scheduler.start()
+
+    # The scheduled ticks only start a drain and return: a drain can run for as long as
+    # there is a backlog, and the scheduler must not see that as an overrunning job.
+    async def _tick_poller(self) -> None:
+        self.kick_poller()
+
+    async def _tick_deliverer(self) -> None:
+        self.kick_deliverer()
 
     def kick_poller(self) -> None:
         self._kick(self.poller.tick)
@@ -98,3 +106,5 @@ class Worker:
     async def stop(self) -> None:
         self._scheduler.shutdown(wait=False)
         await asyncio.gather(self.poller.close(), self.deliverer.close())
+        if self._kicks:
+            await asyncio.wait(self._kicks, timeout=5)

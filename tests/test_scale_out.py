@@ -85,7 +85,7 @@ async def _subscribe_all(
                 assert answer.status_code in (200, 201), answer.text
                 created.append((answer.json()["id"], gen_id))
 
-        async with asyncio.timeout(180):
+        async with asyncio.timeout(400):
             await asyncio.gather(*(one(n, g, u) for n, (g, u) in enumerate(plan)))
     return created
 
