@@ -2,7 +2,7 @@
 
 Shared resources (database engines, HTTP clients, the worker) are created when the app starts
 and handed to routes as lifespan state, never as import-time globals. The seams tests use are
-parameters here: the upstream's httpx transport and the callback sender.
+parameters here: the upstream's aiohttp connector and the callback sender.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Literal, TypedDict
 
-import httpx
+import aiohttp
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -42,7 +42,7 @@ def create_app(
     settings: Settings,
     *,
     role: Role = "all",
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    upstream_connector: aiohttp.BaseConnector | None = None,
     sender: CallbackSender | None = None,
 ) -> Starlette:
     """The relay as an ASGI app; migrations must already be applied (the CLI does it)."""
@@ -67,7 +67,7 @@ def create_app(
                 settings.upstream_api_key,
                 timeout_s=settings.upstream_timeout_s,
                 max_connections=settings.poll_concurrency,
-                transport=upstream_transport,
+                connector=upstream_connector,
             )
             callback_sender = sender or AiohttpSender(
                 allow_private=settings.allow_private_callbacks,

@@ -88,7 +88,7 @@ def open_database(url: str, *, pool_size: int = 10) -> Database:
         _configure_sqlite(read, immediate=False)
         return Database(url=url, read=read, write=write)
     engine = create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800
+        url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
     )
     return Database(url=url, read=engine, write=engine)
 

@@ -160,6 +160,7 @@ class Deliverer:
         self._per_host: defaultdict[str, int] = defaultdict(int)
         self._slot_freed = asyncio.Event()
         self._draining = False
+        self._again = False
         self._closing = False
         self._records: Batcher[store.AttemptRecord, None] = Batcher(self._write_records)
 
@@ -170,13 +171,22 @@ class Deliverer:
         return [*self._in_flight, *waiting]
 
     async def tick(self) -> None:
-        if self._draining or self._closing:
+        if self._closing:
+            return
+        if self._draining:
+            # Work may have been committed after the running drain's last claim: make it
+            # look once more rather than leave that work to the next scheduled tick.
+            self._again = True
             return
         self._draining = True
         try:
-            await self._drain()
+            while True:
+                self._again = False
+                await self._drain()
+                if not self._again or self._closing:
+                    break
         except Exception:
-            logger.exception("delivery tick failed; the next tick retries")
+            logger.exception("%s tick failed; the next tick retries", type(self).__name__)
         finally:
             self._draining = False
 

@@ -15,13 +15,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 
 from relay import store
+from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
 from relay.ratelimit import TokenBucket
@@ -156,8 +157,10 @@ class Poller:
         rate = settings.upstream_max_rps
         self._bucket = TokenBucket(rate, burst=max(1.0, rate))
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._records: Batcher[store.PollRecord, bool] = Batcher(self._write_records)
         self._slot_freed = asyncio.Event()
         self._draining = False
+        self._again = False
         self._closing = False
 
     @property
@@ -166,13 +169,22 @@ class Poller:
 
     async def tick(self) -> None:
         """Claim and start every due poll there is room for; return when none is left due."""
-        if self._draining or self._closing:
+        if self._closing:
+            return
+        if self._draining:
+            # Work may have been committed after the running drain's last claim: make it
+            # look once more rather than leave that work to the next scheduled tick.
+            self._again = True
             return
         self._draining = True
         try:
-            await self._drain()
+            while True:
+                self._again = False
+                await self._drain()
+                if not self._again or self._closing:
+                    break
         except Exception:
-            logger.exception("poll tick failed; the next tick retries")
+            logger.exception("%s tick failed; the next tick retries", type(self).__name__)
         finally:
             self._draining = False
 
@@ -215,7 +227,7 @@ class Poller:
                     claimed.id,
                 )
             record = plan_record(claimed, result, self._db.now(), self._settings, self._rand)
-            kept = await store.record_poll(self._db, self._owner, record)
+            kept = await self._records.submit(record)
             if not kept:
                 logger.warning("lease on generation %s was lost; its poll is discarded", claimed.id)
             elif record.event is not None:
@@ -227,6 +239,9 @@ class Poller:
         finally:
             self._in_flight.pop(claimed.id, None)
             self._slot_freed.set()
+
+    async def _write_records(self, records: Sequence[store.PollRecord]) -> list[bool]:
+        return await store.record_polls(self._db, self._owner, records)
 
     async def renew_leases(self) -> None:
         await store.renew_generation_leases(
@@ -240,3 +255,4 @@ class Poller:
         tasks = list(self._in_flight.values())
         if tasks:
             await asyncio.wait(tasks, timeout=self._settings.upstream_timeout_s + 1)
+        await self._records.drain()

@@ -628,58 +628,77 @@ class PollRecord:
     notice_payload: str | None = None
 
 
-async def _record_poll_once(db: Database, owner: str, record: PollRecord) -> bool:
-    """Apply a poll's outcome and, when it ends the generation, queue one delivery per
-    active subscription, in one transaction. False if the lease was lost (nothing written)."""
+async def _record_polls_once(db: Database, owner: str, records: Sequence[PollRecord]) -> list[bool]:
     now = db.now()
-    values = dict(record.values)
-    values.setdefault("updated_at", now)
     async with db.transaction() as conn:
-        changed = await conn.execute(
-            update(generations)
+        held_query = (
+            select(generations.c.id)
             .where(
-                generations.c.id == record.generation_id,
+                generations.c.id.in_([r.generation_id for r in records]),
                 generations.c.lease_owner == owner,
                 generations.c.state == "polling",
             )
-            .values(**values)
+            .order_by(generations.c.id)
         )
-        if changed.rowcount != 1:
-            return False
-        if record.event is not None:
-            sub_ids = (
-                (
-                    await conn.execute(
-                        select(subscriptions.c.id).where(
-                            subscriptions.c.generation_id == record.generation_id,
-                            subscriptions.c.status == "active",
-                        )
-                    )
-                )
-                .scalars()
-                .all()
+        if db.is_postgres:
+            held_query = held_query.with_for_update()
+        held = set((await conn.execute(held_query)).scalars())
+        # One executemany per shape of change (final, error, still running...).
+        by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for record in records:
+            if record.generation_id not in held:
+                continue
+            values = {**record.values, "updated_at": now}
+            shape = tuple(sorted(values))
+            by_shape.setdefault(shape, []).append(
+                {"g_id": record.generation_id, **{f"v_{k}": v for k, v in values.items()}}
             )
-            if sub_ids:
-                await conn.execute(
-                    insert(deliveries),
-                    [
-                        _delivery_row(sid, record.event, record.notice_payload, now)
-                        for sid in sub_ids
-                    ],
+        for shape, rows in by_shape.items():
+            await conn.execute(
+                update(generations)
+                .where(generations.c.id == bindparam("g_id"))
+                .values(
+                    poll_count=generations.c.poll_count + 1,
+                    **{k: bindparam(f"v_{k}", type_=generations.c[k].type) for k in shape},
+                ),
+                rows,
+            )
+        ended = {
+            r.generation_id: r for r in records if r.event is not None and r.generation_id in held
+        }
+        if ended:
+            subs = await conn.execute(
+                select(subscriptions.c.id, subscriptions.c.generation_id).where(
+                    subscriptions.c.generation_id.in_(list(ended)),
+                    subscriptions.c.status == "active",
                 )
-    return True
+            )
+            rows = []
+            for sub_id, gen_id in subs:
+                record = ended[gen_id]
+                assert record.event is not None
+                rows.append(_delivery_row(sub_id, record.event, record.notice_payload, now))
+            if rows:
+                await conn.execute(insert(deliveries), rows)
+    return [r.generation_id in held for r in records]
 
 
-async def record_poll(db: Database, owner: str, record: PollRecord) -> bool:
-    """Apply a poll's outcome and, when it ends the generation, queue one delivery per
-    active subscription, in one transaction. False if the lease was lost (nothing written)."""
+async def record_polls(db: Database, owner: str, records: Sequence[PollRecord]) -> list[bool]:
+    """Apply polls' outcomes and, for each that ends its generation, queue one delivery per
+    active subscription, all in one transaction. Each answer is False where the lease was
+    lost (nothing written for that generation)."""
     for attempt in range(5):
         try:
-            return await _record_poll_once(db, owner, record)
+            return await _record_polls_once(db, owner, records)
         except DBAPIError as exc:
             if attempt == 4 or not _is_transient(exc):
                 raise
     raise AssertionError("unreachable")
+
+
+async def record_poll(db: Database, owner: str, record: PollRecord) -> bool:
+    """One poll's outcome (see record_polls)."""
+    return (await record_polls(db, owner, [record]))[0]
 
 
 # --- Delivering: the worker's side ----------------------------------------------------------

@@ -6,8 +6,10 @@ PROCESSING → IN_PROGRESS); an unknown status is non-terminal. A 200 body must 
 with a string `status`, and is kept as the exact text upstream sent. Everything that goes
 wrong becomes a `PollResult` kind, never an exception.
 
-The httpx transport is injectable (`transport=`), so tests can swap the network without
-patching; the default keeps a connection pool sized to the poller's concurrency.
+The client is aiohttp, chosen by measurement: with httpx the poller spent most of its CPU in
+httpx's connection pool (docs/benchmarks.md). The connector is injectable (`connector=`), so
+tests can swap the network without patching; the default pool is sized to the poller's
+concurrency.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 import orjson
 
 from relay import __version__
@@ -35,6 +37,8 @@ _ALIASES = {
     "QUEUED": "IN_QUEUE",
     "PROCESSING": "IN_PROGRESS",
 }
+
+MAX_BODY_BYTES = 16 * 2**20  # a final result is a small JSON object; refuse a runaway body
 
 PollKind = Literal["ok", "not_found", "unauthorized", "rate_limited", "error"]
 
@@ -69,34 +73,59 @@ class UpstreamClient:
         *,
         timeout_s: float,
         max_connections: int = 64,
-        transport: httpx.AsyncBaseTransport | None = None,
+        connector: aiohttp.BaseConnector | None = None,
     ) -> None:
-        headers = {"accept": "application/json", "user-agent": f"relay/{__version__}"}
+        self._headers = {"accept": "application/json", "user-agent": f"relay/{__version__}"}
         if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
+            self._headers["authorization"] = f"Bearer {api_key}"
         self._base = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_connections = max_connections
+        self._connector = connector
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Made on first use: an aiohttp session belongs to the running event loop.
+        if self._session is None:
+            connector = self._connector or aiohttp.TCPConnector(
+                limit=self._max_connections, ttl_dns_cache=60
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, timeout=self._timeout
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def poll(self, generation_id: str) -> PollResult:
         url = f"{self._base}/v1/generation/{quote(generation_id, safe='')}"
         try:
-            response = await self._client.get(url)
-        except httpx.TimeoutException:
+            async with self._get_session().get(url, allow_redirects=False) as response:
+                content = await _read_limited(response, MAX_BODY_BYTES)
+                if content is None:
+                    return PollResult(
+                        kind="error",
+                        http_status=response.status,
+                        error=f"upstream body over {MAX_BODY_BYTES // 2**20} MiB",
+                    )
+                return classify(response.status, content, response.headers.get("retry-after"))
+        except TimeoutError:
             return PollResult(kind="error", error="upstream timed out")
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             return PollResult(kind="error", error=f"upstream unreachable: {type(exc).__name__}")
-        return classify(response.status_code, response.content, response.headers.get("retry-after"))
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def classify(http_status: int, content: bytes, retry_after: str | None) -> PollResult:
