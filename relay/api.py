@@ -399,7 +399,10 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(ApiError(405, "method_not_allowed", "method not allowed here"))
+        # RFC 9110: a 405 carries Allow; Starlette puts it on the exception.
+        return error_response(
+            ApiError(405, "method_not_allowed", "method not allowed here", headers=exc.headers)
+        )
     return error_response(ApiError(404, "not_found", "no such route"))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -24,11 +24,12 @@ DEFAULT_RETRY_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.
 class Settings:
     """The relay's configuration; field names follow the RELAY_* variables."""
 
-    database_url: str = "sqlite+aiosqlite:///./relay.db"
+    database_url: str = field(default="sqlite+aiosqlite:///./relay.db", repr=False)
     host: str = "127.0.0.1"
     port: int = 8080
     upstream_url: str = "https://open.skills.video/api"
-    upstream_api_key: str | None = None
+    # Kept out of repr so a logged or printed Settings never shows the secret.
+    upstream_api_key: str | None = field(default=None, repr=False)
     upstream_timeout_s: float = 20.0
     upstream_max_rps: float = 50.0
     poll_min_interval_s: float = 2.0
@@ -113,7 +114,7 @@ class _Reader:
 
 def _shown(name: str, raw: str) -> str:
     # Never echo a secret back into logs or terminals.
-    if "KEY" in name or "DATABASE_URL" in name:
+    if "KEY" in name or "DATABASE_URL" in name or "@" in raw:
         return "a value that is not shown"
     return repr(raw if len(raw) <= 60 else raw[:57] + "...")
 

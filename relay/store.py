@@ -199,7 +199,7 @@ async def _create_subscriptions(
 
     valid = [r for r in requests if r.key_hash in key_ids]
     gen_ids = sorted({r.generation_id for r in valid})
-    gens: dict[str, RowMapping] = {}
+    gens: dict[str, dict[str, Any]] = {}
     if gen_ids:
         gens = await _lock_or_create_generations(conn, now, gen_ids, postgres)
 
@@ -271,8 +271,9 @@ async def _create_subscriptions(
 
 async def _lock_or_create_generations(
     conn: AsyncConnection, now: datetime, gen_ids: list[str], postgres: bool
-) -> dict[str, RowMapping]:
-    """Lock (PostgreSQL) the generations' rows, creating missing ones; wake idle/expired ones."""
+) -> dict[str, dict[str, Any]]:
+    """Lock (PostgreSQL) the generations' rows, creating missing ones; wake idle/expired ones.
+    Returns each generation's id, state, status and next_poll_at as they now are."""
     columns = (
         generations.c.id,
         generations.c.state,
@@ -282,7 +283,9 @@ async def _lock_or_create_generations(
     query = select(*columns).where(generations.c.id.in_(gen_ids)).order_by(generations.c.id)
     if postgres:
         query = query.with_for_update()
-    found = {row["id"]: row for row in (await conn.execute(query)).mappings()}
+    found: dict[str, dict[str, Any]] = {
+        row["id"]: dict(row) for row in (await conn.execute(query)).mappings()
+    }
     missing = [gid for gid in gen_ids if gid not in found]
     if missing:
         await conn.execute(
@@ -322,9 +325,13 @@ async def _lock_or_create_generations(
                 error_count=0,
             )
         )
-    if missing or wake:
-        query = select(*columns).where(generations.c.id.in_(gen_ids))
-        found = {row["id"]: row for row in (await conn.execute(query)).mappings()}
+    for gid in [*missing, *wake]:
+        found[gid] = {
+            "id": gid,
+            "state": "polling",
+            "status": found.get(gid, {}).get("status"),
+            "next_poll_at": now,
+        }
     return found
 
 
