@@ -185,4 +185,3 @@ async def _release(url: str) -> None:
             )
         )
     await db.dispose()
-

@@ -125,7 +125,9 @@ async def db(db_url: str) -> AsyncIterator[Database]:
     await database.dispose()
 
 
-def fast_settings(db_url: str, upstream_url: str = "http://127.0.0.1:9", **changes: Any) -> Settings:
+def fast_settings(
+    db_url: str, upstream_url: str = "http://127.0.0.1:9", **changes: Any
+) -> Settings:
     """Settings for tests: short intervals, private callbacks allowed, the simulator upstream."""
     base = Settings(
         database_url=db_url,

@@ -131,9 +131,7 @@ def _run_scale(tmp_path: Path, db_url: str, kill_midway: bool) -> dict:
             assert node.popen is not None
             if node is not nodes[1] or not kill_midway:
                 assert node.popen.poll() is None, f"{node.name} died:\n{node.tail()}"
-    not_final = sync_count(
-        db_url, "SELECT count(*) FROM subscriptions WHERE status <> 'delivered'"
-    )
+    not_final = sync_count(db_url, "SELECT count(*) FROM subscriptions WHERE status <> 'delivered'")
     return {
         "created": len(created),
         "stats": stats,
@@ -146,13 +144,13 @@ def _run_scale(tmp_path: Path, db_url: str, kill_midway: bool) -> dict:
 def test_three_nodes_deliver_everything_once(tmp_path: Path, pg_url: str) -> None:
     """Three nodes on one PostgreSQL database: every subscription delivered, no webhook-id twice."""
     result = _run_scale(tmp_path, pg_url, kill_midway=False)
-    print(f"scale-out: {result['created']} subscriptions, receiver stats {result['stats']['total']}")
+    print(
+        f"scale-out: {result['created']} subscriptions, receiver stats {result['stats']['total']}"
+    )
     assert result["not_delivered"] == 0
     assert result["stats"]["unique"] == result["created"]
     assert result["stats"]["duplicates"] == []
-    polls_per_generation = sync_count(
-        pg_url, "SELECT max(poll_count) FROM generations"
-    )
+    polls_per_generation = sync_count(pg_url, "SELECT max(poll_count) FROM generations")
     assert polls_per_generation < 40  # coalesced and backed off, not hammering
 
 
@@ -163,7 +161,9 @@ def test_killed_node_loses_nothing_and_duplicates_only_its_in_flight_work(
     result = _run_scale(tmp_path, pg_url, kill_midway=True)
     stats = result["stats"]
     duplicates = set(stats["duplicates"])
-    print(f"scale-out with a SIGKILL: {result['created']} subscriptions, {len(duplicates)} duplicates")
+    print(
+        f"scale-out with a SIGKILL: {result['created']} subscriptions, {len(duplicates)} duplicates"
+    )
     assert result["not_delivered"] == 0
     assert stats["unique"] == result["created"]
     assert stats["duplicates_with_other_body"] == []

@@ -11,14 +11,18 @@ from tests.conftest import Receiver, fast_settings, new_key, wait_for
 from tests.servers import serve_in_thread
 
 
-async def test_subscription_gets_a_signed_callback(db_url: str, fake_upstream, receiver: Receiver) -> None:
+async def test_subscription_gets_a_signed_callback(
+    db_url: str, fake_upstream, receiver: Receiver
+) -> None:
     """A subscription to a generation that completes gets one verified callback with the final body."""
     sim, upstream_url = fake_upstream
     key = await new_key(db_url)
     gen = sim.add_generation("image", id="gen_smoke", queue_s=0.1, run_s=0.2)
     app = create_app(fast_settings(db_url, upstream_url))
     with serve_in_thread(app) as base:
-        async with httpx.AsyncClient(base_url=base, headers={"authorization": f"Bearer {key.api_key}"}) as client:
+        async with httpx.AsyncClient(
+            base_url=base, headers={"authorization": f"Bearer {key.api_key}"}
+        ) as client:
             created = await client.post(
                 "/v1/subscriptions",
                 json={"generation_id": "gen_smoke", "callback_url": f"{receiver.url}/hook"},
