@@ -1,38 +1,43 @@
 """Group commit: many concurrent callers, one transaction per batch.
 
-Callers `await submit(item)`; while one batch is being written the next accumulates, so under
+Callers `await submit(item)`; while batches are being written the next accumulates, so under
 load each transaction carries many items and at rest each item is written at once (no timer
-adds latency). The relay uses it for subscription creates and delivery attempt records: this
-is how ingest beats a one-insert-per-request handler on the same database.
+adds latency). Up to `max_concurrent` batches are written at a time: 1 suits SQLite (one
+writer), a few suit PostgreSQL, where a commit mostly waits for the WAL flush and several can
+wait together. The relay uses it for subscription creates and for poll and attempt records:
+this is how ingest beats a one-insert-per-request handler on the same database.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-logger = logging.getLogger(__name__)
-
 
 class Batcher(Generic[T, R]):
     def __init__(
-        self, handler: Callable[[Sequence[T]], Awaitable[Sequence[R]]], max_batch: int = 256
+        self,
+        handler: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        max_batch: int = 256,
+        max_concurrent: int = 1,
     ) -> None:
         self._handler = handler
         self._max_batch = max_batch
+        self._max_concurrent = max_concurrent
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._runners: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run())
+        if len(self._runners) < self._max_concurrent:
+            runner = asyncio.create_task(self._run())
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
         return await future
 
     async def _run(self) -> None:
@@ -52,5 +57,5 @@ class Batcher(Generic[T, R]):
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is written."""
-        while self._runner is not None and not self._runner.done():
-            await asyncio.shield(self._runner)
+        while self._runners:
+            await asyncio.wait(set(self._runners))

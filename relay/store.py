@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, insert, literal, select, text, tuple_, update
+from sqlalchemy import bindparam, case, delete, func, insert, literal, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -203,24 +203,23 @@ async def _create_subscriptions(
     if gen_ids:
         gens = await _lock_or_create_generations(conn, now, gen_ids, postgres)
 
-    triples = {(key_ids[r.key_hash], r.generation_id, r.callback_url) for r in valid}
     existing: dict[tuple[str, str, str], dict[str, Any]] = {}
-    if triples:
+    if gen_ids:
+        # By generation (indexed), then matched in Python: a row-value IN over the three
+        # columns makes SQLite scan every active subscription.
         rows = await conn.execute(
             select(subscriptions, generations.c.status.label("generation_status"))
             .join(generations, generations.c.id == subscriptions.c.generation_id)
             .where(
+                subscriptions.c.generation_id.in_(gen_ids),
                 subscriptions.c.status == "active",
-                tuple_(
-                    subscriptions.c.api_key_id,
-                    subscriptions.c.generation_id,
-                    subscriptions.c.callback_url,
-                ).in_(list(triples)),
             )
         )
+        wanted = set(key_ids.values())
         for found in rows.mappings():
-            triple = (found["api_key_id"], found["generation_id"], found["callback_url"])
-            existing[triple] = dict(found)
+            if found["api_key_id"] in wanted:
+                triple = (found["api_key_id"], found["generation_id"], found["callback_url"])
+                existing[triple] = dict(found)
 
     new_rows: list[dict[str, Any]] = []
     new_deliveries: list[dict[str, Any]] = []
