@@ -33,13 +33,20 @@ from relay.config import Settings
 from relay.database import Database
 from relay.poller import UpstreamHealth
 from relay.ratelimit import KeyedLimiter
-from relay.schemas import BODY_MAX_BYTES, METADATA_MAX_BYTES, SubscriptionCreate
+from relay.schemas import (
+    BODY_MAX_BYTES,
+    GENERATION_ID_PATTERN,
+    METADATA_MAX_BYTES,
+    SubscriptionCreate,
+)
 
 logger = logging.getLogger(__name__)
 
-SUBSCRIPTION_ID = re.compile(r"^sub_[0-9A-Z]{26}$")
+SUBSCRIPTION_ID = re.compile(r"sub_[0-9A-Z]{26}")
+LIMIT = re.compile(r"[0-9]{1,3}")
+CALLBACK_URL_MAX_BYTES = 2048
 STATUSES = ("active", "delivered", "failed", "canceled", "expired")
-GENERATION_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+GENERATION_ID = re.compile(GENERATION_ID_PATTERN.strip("^$"))
 
 
 class ApiError(Exception):
@@ -87,12 +94,10 @@ class ApiContext:
     creates: Batcher[store.CreateRequest, store.CreateResult] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.creates = Batcher(
-            self._write_creates, max_concurrent=4 if self.db.is_postgres else 1
-        )
+        self.creates = Batcher(self._write_creates, max_concurrent=4 if self.db.is_postgres else 1)
         rate = self.settings.rate_limit_per_s
         if rate > 0 and self.limiter is None:
-            self.limiter = KeyedLimiter(rate, burst=2 * rate)
+            self.limiter = KeyedLimiter(rate, burst=max(1.0, 2 * rate))
 
     async def _write_creates(
         self, requests: Sequence[store.CreateRequest]
@@ -233,7 +238,7 @@ def _pydantic_details(exc: ValidationError) -> list[dict[str, str]]:
 
 def _subscription_id(request: Request) -> str:
     sub_id: str = request.path_params["id"]
-    if not SUBSCRIPTION_ID.match(sub_id):
+    if not SUBSCRIPTION_ID.fullmatch(sub_id):
         raise ApiError(404, "not_found", "no such subscription")
     return sub_id
 
@@ -260,6 +265,11 @@ async def _create(
                 details.append(
                     {"field": "metadata", "message": "must be at most 4 KiB when serialized"}
                 )
+        if len(payload.callback_url.encode()) > CALLBACK_URL_MAX_BYTES:
+            # Indexed for idempotency, and an index row has a size limit: bound the bytes too.
+            details.append(
+                {"field": "callback_url", "message": "must be at most 2048 bytes as UTF-8"}
+            )
         try:
             await vet_callback_url(
                 payload.callback_url, allow_private=ctx.settings.allow_private_callbacks
@@ -342,7 +352,7 @@ def _decode_cursor(cursor: str) -> str | None:
         decoded = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
-    return decoded if SUBSCRIPTION_ID.match(decoded) else None
+    return decoded if SUBSCRIPTION_ID.fullmatch(decoded) else None
 
 
 async def list_subscriptions(request: Request) -> Response:
@@ -353,14 +363,14 @@ async def list_subscriptions(request: Request) -> Response:
     if status is not None and status not in STATUSES:
         details.append({"field": "status", "message": f"must be one of {', '.join(STATUSES)}"})
     generation_id = params.get("generation_id") or None
-    if generation_id is not None and not GENERATION_ID.match(generation_id):
+    if generation_id is not None and not GENERATION_ID.fullmatch(generation_id):
         details.append(
             {"field": "generation_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : -"}
         )
     limit = 50
     raw_limit = params.get("limit")
     if raw_limit:
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
+        if not LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= 500:
             details.append({"field": "limit", "message": "must be a whole number from 1 to 500"})
         else:
             limit = int(raw_limit)

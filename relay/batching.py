@@ -47,13 +47,27 @@ class Batcher(Generic[T, R]):
             try:
                 results = await self._handler([item for item, _ in batch])
             except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                if len(batch) == 1:
+                    if not batch[0][1].done():
+                        batch[0][1].set_exception(exc)
+                    continue
+                # One bad item must not fail its neighbours: write them one by one.
+                await self._run_singly(batch)
                 continue
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+    async def _run_singly(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        for item, future in batch:
+            try:
+                (result,) = await self._handler([item])
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            if not future.done():
+                future.set_result(result)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is written."""

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -120,18 +121,26 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
             "RELAY_UPSTREAM_API_KEY is not set: polls go out without a key and the upstream "
             "will refuse them; set it before real use"
         )
-    app = create_app(settings, role=args.role)
+    # Bind before anything starts, so a port in use is one clear line, not a worker that
+    # started and a traceback.
     try:
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    app = create_app(settings, role=args.role)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    logger.info("listening on http://%s:%d (role %s)", host, sock.getsockname()[1], args.role)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         if lock is not None:
             lock.close()
 

@@ -11,6 +11,7 @@ measured at start and refreshed by the worker, so every node stamps leases on on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -65,9 +66,10 @@ class Database:
             after = datetime.now(UTC)
         self.clock_offset = db_now - (before + (after - before) / 2)
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """Whether the database answers within `timeout_s` (readiness must not hang)."""
         try:
-            async with self.read.connect() as conn:
+            async with asyncio.timeout(timeout_s), self.read.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception:
             return False
@@ -82,13 +84,23 @@ class Database:
 def open_database(url: str, *, pool_size: int = 10) -> Database:
     """Create the engines for `url` (no I/O until first use)."""
     if url.startswith("sqlite"):
-        write = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
-        read = create_async_engine(url, pool_size=4, max_overflow=0, pool_timeout=60)
+        # hide_parameters: a failing statement's log line must not carry callback URLs,
+        # metadata or key hashes.
+        write = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=60, hide_parameters=True
+        )
+        read = create_async_engine(
+            url, pool_size=4, max_overflow=0, pool_timeout=60, hide_parameters=True
+        )
         _configure_sqlite(write, immediate=True)
         _configure_sqlite(read, immediate=False)
         return Database(url=url, read=read, write=write)
     engine = create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        hide_parameters=True,
     )
     return Database(url=url, read=engine, write=engine)
 
@@ -111,25 +123,30 @@ def _configure_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:
 
 
 def sqlite_path(url: str) -> str | None:
-    """The file behind a SQLite URL, or None for PostgreSQL and in-memory databases."""
+    """The file behind a SQLite URL (symlinks resolved), or None for PostgreSQL and
+    in-memory databases."""
     parsed = make_url(url)
     if not parsed.drivername.startswith("sqlite"):
         return None
     database = parsed.database
     if not database or database == ":memory:":
         return None
-    return os.path.abspath(database)
+    return os.path.realpath(database)
 
 
 def hold_sqlite_serve_lock(url: str) -> IO[str] | None:
     """Refuse a second `relay serve` on one SQLite file: hold an exclusive lock while serving.
 
-    The lock is released by the kernel when the process dies, `kill -9` included.
+    The lock file sits beside the database (its real path, so a symlink does not get past
+    it) and is released by the kernel when the process dies, `kill -9` included.
     """
     path = sqlite_path(url)
     if path is None:
         return None
-    lock_file = open(path + ".serve-lock", "a+")  # noqa: SIM115 (held for the process lifetime)
+    try:
+        lock_file = open(path + ".serve-lock", "a+")  # noqa: SIM115 (held for the process lifetime)
+    except OSError as exc:
+        raise StartupError(f"cannot open the SQLite database at {path}: {exc.strerror}") from None
     try:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -158,6 +158,8 @@ class Deliverer:
         self._waiting: defaultdict[str, deque[store.ClaimedDelivery]] = defaultdict(deque)
         self._waiting_count = 0
         self._per_host: defaultdict[str, int] = defaultdict(int)
+        self._host_latency_s: dict[str, float] = {}  # moving average of attempt durations
+        self._held: set[int] = set()  # ids in flight or waiting: never queued twice
         self._slot_freed = asyncio.Event()
         self._draining = False
         self._again = False
@@ -205,31 +207,44 @@ class Deliverer:
             claimed = await store.claim_due_deliveries(
                 self._db, self._owner, want, self._settings.lease_s
             )
-            deferred: list[int] = []
+            deferred: defaultdict[float, list[int]] = defaultdict(list)
             for delivery in claimed:
-                if delivery.id in self._in_flight:
-                    continue  # our own lease ran out while sending it; that send records
+                if delivery.id in self._held:
+                    continue  # our own lease ran out while we held it; the first copy records
                 host = host_of(delivery.callback_url)
                 if self._per_host[host] < per_host:
                     self._start(delivery, host)
                 elif len(self._waiting[host]) < per_host:
                     self._waiting[host].append(delivery)
                     self._waiting_count += 1
+                    self._held.add(delivery.id)
                 else:
-                    deferred.append(delivery.id)
-            if deferred:
-                await store.defer_deliveries(
-                    self._db, self._owner, deferred, DEFER_S * (0.5 + self._rand())
-                )
-            if len(claimed) < want or len(deferred) == len(claimed):
+                    deferred[self._defer_s(host)].append(delivery.id)
+            for delay_s, ids in deferred.items():
+                await store.defer_deliveries(self._db, self._owner, ids, delay_s)
+            if len(claimed) < want:
                 return
+
+    def _defer_s(self, host: str) -> float:
+        """How long to give a saturated host's delivery back for: about the time its queue
+        here takes to drain, so a slow receiver's backlog does not come back to the front
+        of the table every second ahead of healthy receivers."""
+        per_host = self._settings.delivery_per_host
+        queued = self._per_host[host] + len(self._waiting[host])
+        drain_s = queued / per_host * self._host_latency_s.get(host, 1.0)
+        return min(max(DEFER_S, drain_s), 60.0) * (0.8 + 0.4 * self._rand())
 
     def _start(self, delivery: store.ClaimedDelivery, host: str) -> None:
         self._per_host[host] += 1
+        self._held.add(delivery.id)
         self._in_flight[delivery.id] = asyncio.create_task(self._deliver(delivery, host))
 
-    def _finished(self, delivery_id: int, host: str) -> None:
+    def _finished(self, delivery_id: int, host: str, duration_s: float | None) -> None:
         self._in_flight.pop(delivery_id, None)
+        self._held.discard(delivery_id)
+        if duration_s is not None:
+            previous = self._host_latency_s.get(host, duration_s)
+            self._host_latency_s[host] = 0.8 * previous + 0.2 * duration_s
         self._per_host[host] -= 1
         queue = self._waiting.get(host)
         if queue:
@@ -239,9 +254,11 @@ class Deliverer:
                 del self._waiting[host]
         elif self._per_host[host] <= 0:
             del self._per_host[host]
+            self._host_latency_s.pop(host, None)  # forget hosts no longer in use
         self._slot_freed.set()
 
     async def _deliver(self, delivery: store.ClaimedDelivery, host: str) -> None:
+        duration_ms: int | None = None
         try:
             started_at = self._db.now()
             started = time.monotonic()
@@ -291,7 +308,7 @@ class Deliverer:
             # The lease runs out and the delivery is tried again: nothing is lost.
             logger.exception("delivery %s failed unexpectedly", delivery.id)
         finally:
-            self._finished(delivery.id, host)
+            self._finished(delivery.id, host, None if duration_ms is None else duration_ms / 1000)
 
     async def _write_records(self, records: Sequence[store.AttemptRecord]) -> list[None]:
         await store.record_attempts(self._db, self._owner, records)
@@ -309,6 +326,7 @@ class Deliverer:
         waiting = [d.id for queue in self._waiting.values() for d in queue]
         self._waiting.clear()
         self._waiting_count = 0
+        self._held.difference_update(waiting)
         if waiting:
             await store.defer_deliveries(self._db, self._owner, waiting, 0.0)
         tasks = list(self._in_flight.values())

@@ -1056,6 +1056,12 @@ def create_fake_upstream(config: FakeUpstreamConfig | None = None) -> Starlette:
 
 def run_fake_upstream(host: str, port: int, config: FakeUpstreamConfig) -> None:
     """Serve the simulator under uvicorn until interrupted (what `relay fake-upstream` runs)."""
+    key = "any bearer key" if config.api_key is None else "the key in RELAY_FAKE_API_KEY"
+    print(  # noqa: T201 (the one line a person starting it by hand wants to see)
+        f"relay fake-upstream: http://{host}:{port}/v1/generation/{{id}} (accepts {key}; "
+        f"seed {config.seed}, time scale {config.time_scale:g})",
+        flush=True,
+    )
     uvicorn.run(
         create_fake_upstream(config),
         host=host,

@@ -145,7 +145,7 @@ deliveries = Table(
     # generation.completed | generation.failed | generation.canceled | generation.expired
     Column("event", String(32), nullable=False),
     Column("payload", Text, nullable=True),  # null: the generation's stored result
-    # pending | delivered | failed
+    # pending | delivered | failed | canceled
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("next_attempt_at", UTCDateTime(), nullable=True),

@@ -53,6 +53,8 @@ class UpstreamHealth:
                     result.error,
                 )
         elif result.kind == "error":
+            if self.state != "unreachable":
+                logger.warning("upstream polls are failing: %s", result.error)
             self.state = "unreachable"
         else:
             self.state = "ok"
@@ -99,7 +101,7 @@ def plan_record(
         gap_s = poll_gap_s(unchanged, min_s, max_s, rand)
     else:
         errors = claimed.error_count + 1
-        values.update(error_count=errors, last_error=result.error)
+        values.update(error_count=errors, last_error=store.storable(result.error))
         if result.kind == "not_found":
             since = claimed.not_found_since or now
             values["not_found_since"] = since

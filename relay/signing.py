@@ -17,10 +17,10 @@ import base64
 import binascii
 import functools
 import hmac
-import os
-import time
 from collections.abc import Sequence
 from secrets import token_bytes
+
+from relay.ids import new_id
 
 __all__ = [
     "SECRET_PREFIX",
@@ -32,9 +32,6 @@ __all__ = [
 
 SECRET_PREFIX = "whsec_"
 _SECRET_BYTES = 32
-
-# Crockford's base32 (no I, L, O, U) keeps ids unambiguous when read aloud or retyped.
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 def generate_secret() -> str:
@@ -80,14 +77,5 @@ def sign_all(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -
 
 
 def new_message_id() -> str:
-    """Return a new `webhook-id`: `msg_` + a 26-character ULID (time-sortable, unique).
-
-    48 bits of Unix milliseconds then 80 random bits, in Crockford base32; ids made in
-    the same millisecond are unique but not ordered among themselves.
-    """
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    chars: list[str] = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 0x1F])
-        value >>= 5
-    return "msg_" + "".join(reversed(chars))
+    """Return a new `webhook-id`: `msg_` + a 26-character ULID (time-sortable, unique)."""
+    return new_id("msg")

@@ -6,19 +6,22 @@ naming the owner; on PostgreSQL they use `FOR UPDATE SKIP LOCKED` so nodes never
 other. Every completion checks that the caller still owns the lease, so a process whose lease
 ran out cannot overwrite the work of the one that took over.
 
-Row locks order: a generation row is locked before its subscriptions' rows; every writer that
-touches both (create, cancel, record a poll) follows that order, so nodes cannot deadlock and
-no subscription can be left active on a generation that stopped polling.
+Lock order, for every writer that takes more than one: generation, then deliveries, then
+subscriptions (create, cancel, record a poll, record attempts, redeliver). Nodes therefore
+do not deadlock on each other in the common paths, and a transaction that still loses such a
+race is retried whole (`_retrying`). A subscription cannot be left active on a generation
+that stopped polling: create and cancel both lock the generation row first.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import bindparam, case, delete, func, insert, literal, select, text, update
 from sqlalchemy.engine import RowMapping
@@ -37,7 +40,8 @@ from relay.models import (
 )
 from relay.signing import generate_secret, new_message_id
 
-FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED"})
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
 EVENT_BY_STATUS = {
     "COMPLETED": "generation.completed",
     "FAILED": "generation.failed",
@@ -53,6 +57,19 @@ RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock, serialization f
 def _is_transient(exc: DBAPIError) -> bool:
     """A conflict between nodes that a retry of the whole transaction resolves."""
     return getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+
+
+async def _retrying(work: Callable[[], Awaitable[T]], *, on_integrity_error: bool = False) -> T:
+    """Run a whole transaction again when it lost a race with another node: a deadlock or
+    serialization failure, or (for idempotent creates) a unique row another node just wrote."""
+    for attempt in range(5):
+        try:
+            return await work()
+        except DBAPIError as exc:
+            retry = _is_transient(exc) or (on_integrity_error and isinstance(exc, IntegrityError))
+            if attempt == 4 or not retry:
+                raise
+    raise AssertionError("unreachable")
 
 
 def hash_api_key(api_key: str) -> str:
@@ -173,16 +190,12 @@ async def create_subscriptions(
     for generations nobody was waiting for, and queues the delivery at once for generations
     already known to be final.
     """
-    for attempt in range(5):
-        try:
-            async with db.transaction() as conn:
-                return await _create_subscriptions(conn, db.now(), requests, db.is_postgres)
-        except DBAPIError as exc:
-            # Another node inserted the same generation or active subscription concurrently
-            # (retrying sees its row and answers it: idempotency across nodes), or a deadlock.
-            if attempt == 4 or not (isinstance(exc, IntegrityError) or _is_transient(exc)):
-                raise
-    raise AssertionError("unreachable")
+
+    async def work() -> CreateBatchOutcome:
+        async with db.transaction() as conn:
+            return await _create_subscriptions(conn, db.now(), requests, db.is_postgres)
+
+    return await _retrying(work, on_integrity_error=True)
 
 
 async def _create_subscriptions(
@@ -205,21 +218,20 @@ async def _create_subscriptions(
 
     existing: dict[tuple[str, str, str], dict[str, Any]] = {}
     if gen_ids:
-        # By generation (indexed), then matched in Python: a row-value IN over the three
-        # columns makes SQLite scan every active subscription.
+        # By key and generation (the partial unique index), then matched in Python: a
+        # row-value IN over the three columns makes SQLite scan every active subscription.
         rows = await conn.execute(
             select(subscriptions, generations.c.status.label("generation_status"))
             .join(generations, generations.c.id == subscriptions.c.generation_id)
             .where(
                 subscriptions.c.generation_id.in_(gen_ids),
+                subscriptions.c.api_key_id.in_(set(key_ids.values())),
                 subscriptions.c.status == "active",
             )
         )
-        wanted = set(key_ids.values())
         for found in rows.mappings():
-            if found["api_key_id"] in wanted:
-                triple = (found["api_key_id"], found["generation_id"], found["callback_url"])
-                existing[triple] = dict(found)
+            triple = (found["api_key_id"], found["generation_id"], found["callback_url"])
+            existing[triple] = dict(found)
 
     new_rows: list[dict[str, Any]] = []
     new_deliveries: list[dict[str, Any]] = []
@@ -383,6 +395,10 @@ async def cancel_subscription(db: Database, key_id: str, sub_id: str) -> RowMapp
 
     Stops polling its generation when no active subscription remains.
     """
+    return await _retrying(lambda: _cancel_once(db, key_id, sub_id))
+
+
+async def _cancel_once(db: Database, key_id: str, sub_id: str) -> RowMapping | None:
     now = db.now()
     async with db.transaction() as conn:
         gen_id = (
@@ -394,10 +410,17 @@ async def cancel_subscription(db: Database, key_id: str, sub_id: str) -> RowMapp
         ).scalar_one_or_none()
         if gen_id is None:
             return None
-        lock = select(generations.c.id).where(generations.c.id == gen_id)
         if db.is_postgres:
-            lock = lock.with_for_update()
-        await conn.execute(lock)
+            # Lock order: generation, then deliveries, then subscription (as every writer).
+            await conn.execute(
+                select(generations.c.id).where(generations.c.id == gen_id).with_for_update()
+            )
+            await conn.execute(
+                select(deliveries.c.id)
+                .where(deliveries.c.subscription_id == sub_id, deliveries.c.status == "pending")
+                .order_by(deliveries.c.id)
+                .with_for_update()
+            )
         changed = await conn.execute(
             update(subscriptions)
             .where(subscriptions.c.id == sub_id, subscriptions.c.status == "active")
@@ -475,8 +498,14 @@ async def redeliver(db: Database, key_id: str, sub_id: str) -> RowMapping | None
     """Queue the stored final message again, with the same webhook-id.
 
     None if the subscription is not this key's; RedeliverConflict if there is nothing to send.
-    A delivery still pending is made due now instead of being doubled.
+    A delivery still pending is made due now instead of being doubled. A `failed`
+    subscription becomes `active` until the new delivery ends; `delivered` and `expired`
+    stay as they are (a failed redelivery does not undo a delivery that happened).
     """
+    return await _retrying(lambda: _redeliver_once(db, key_id, sub_id))
+
+
+async def _redeliver_once(db: Database, key_id: str, sub_id: str) -> RowMapping | None:
     now = db.now()
     async with db.transaction() as conn:
         sub = (
@@ -490,40 +519,45 @@ async def redeliver(db: Database, key_id: str, sub_id: str) -> RowMapping | None
             return None
         if sub.status == "canceled":
             raise RedeliverConflict("the subscription is canceled")
-        last = (
-            (
-                await conn.execute(
-                    select(deliveries)
-                    .where(deliveries.c.subscription_id == sub_id)
-                    .order_by(deliveries.c.id.desc())
-                    .limit(1)
-                )
-            )
-            .mappings()
-            .first()
+        # Deliveries before subscriptions: the lock order attempt recording uses.
+        last_query = (
+            select(deliveries)
+            .where(deliveries.c.subscription_id == sub_id)
+            .order_by(deliveries.c.id.desc())
+            .limit(1)
         )
+        if db.is_postgres:
+            last_query = last_query.with_for_update()
+        last = (await conn.execute(last_query)).mappings().first()
         if last is None:
             raise RedeliverConflict("the generation has no final result yet")
         if last["status"] == "pending":
+            # Waiting for a retry: make it due now. Leased (being sent): nothing to add.
             await conn.execute(
                 update(deliveries)
-                .where(deliveries.c.id == last["id"], deliveries.c.lease_owner.is_(None))
+                .where(
+                    deliveries.c.id == last["id"],
+                    deliveries.c.status == "pending",
+                    deliveries.c.lease_owner.is_(None),
+                )
                 .values(next_attempt_at=now, updated_at=now)
             )
         else:
             row = _delivery_row(sub_id, last["event"], last["payload"], now)
             row["webhook_id"] = last["webhook_id"]
             await conn.execute(insert(deliveries).values(**row))
-        try:
-            await conn.execute(
-                update(subscriptions)
-                .where(subscriptions.c.id == sub_id)
-                .values(status="active", updated_at=now)
-            )
-        except IntegrityError:
-            raise RedeliverConflict(
-                "another active subscription of this key has the same generation and callback URL"
-            ) from None
+        if sub.status == "failed":
+            try:
+                await conn.execute(
+                    update(subscriptions)
+                    .where(subscriptions.c.id == sub_id)
+                    .values(status="active", updated_at=now)
+                )
+            except IntegrityError:
+                raise RedeliverConflict(
+                    "another active subscription of this key has the same generation and "
+                    "callback URL"
+                ) from None
         return (
             (
                 await conn.execute(
@@ -693,18 +727,7 @@ async def record_polls(db: Database, owner: str, records: Sequence[PollRecord]) 
     """Apply polls' outcomes and, for each that ends its generation, queue one delivery per
     active subscription, all in one transaction. Each answer is False where the lease was
     lost (nothing written for that generation)."""
-    for attempt in range(5):
-        try:
-            return await _record_polls_once(db, owner, records)
-        except DBAPIError as exc:
-            if attempt == 4 or not _is_transient(exc):
-                raise
-    raise AssertionError("unreachable")
-
-
-async def record_poll(db: Database, owner: str, record: PollRecord) -> bool:
-    """One poll's outcome (see record_polls)."""
-    return (await record_polls(db, owner, [record]))[0]
+    return await _retrying(lambda: _record_polls_once(db, owner, records))
 
 
 # --- Delivering: the worker's side ----------------------------------------------------------
@@ -730,7 +753,7 @@ async def claim_due_deliveries(
     now = db.now()
     due = (
         select(deliveries.c.id)
-        .where(deliveries.c.next_attempt_at <= now)
+        .where(deliveries.c.next_attempt_at <= now, deliveries.c.status == "pending")
         .order_by(deliveries.c.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -770,8 +793,13 @@ async def claim_due_deliveries(
             .all()
         )
     claimed = []
+    bodies: dict[str, bytes] = {}  # one copy of a result, however many subscribers share it
     for row in rows:
-        body = row["payload"] if row["payload"] is not None else row["result"]
+        text_body = row["payload"] if row["payload"] is not None else row["result"]
+        if text_body is None:
+            logger.error("delivery %s has no body to send; it is sent as {}", row["id"])
+            text_body = "{}"
+        body = bodies.setdefault(text_body, text_body.encode())
         claimed.append(
             ClaimedDelivery(
                 id=row["id"],
@@ -782,7 +810,7 @@ async def claim_due_deliveries(
                 subscription_attempts=row["subscription_attempts"],
                 callback_url=row["callback_url"],
                 signing_secret=row["signing_secret"],
-                body=(body or "{}").encode(),
+                body=body,
             )
         )
     return claimed
@@ -861,8 +889,8 @@ async def _record_attempts_once(db: Database, owner: str, records: Sequence[Atte
                     "started_at": r.started_at,
                     "duration_ms": r.duration_ms,
                     "status_code": r.status_code,
-                    "error": r.error,
-                    "response_excerpt": r.response_excerpt,
+                    "error": storable(r.error),
+                    "response_excerpt": storable(r.response_excerpt),
                 }
                 for r in records
             ],
@@ -880,6 +908,7 @@ async def _record_attempts_once(db: Database, owner: str, records: Sequence[Atte
         delivery_updates = []
         settled: list[dict[str, Any]] = []  # subscriptions whose delivery ended
         retried: list[dict[str, Any]] = []
+        unheld: list[dict[str, Any]] = []
         for r in records:
             error = None if r.action == "done" else _error_text(r)
             if r.delivery_id in held:
@@ -906,8 +935,12 @@ async def _record_attempts_once(db: Database, owner: str, records: Sequence[Atte
                         "s_delivered_at": now if r.action == "done" else None,
                     }
                 )
-            else:
+            elif r.delivery_id in held:
                 retried.append({"s_id": r.subscription_id, "s_error": error})
+            else:
+                # The lease was lost: the attempt happened and is counted, but another node
+                # owns the delivery now and its outcome is the one the subscription shows.
+                unheld.append({"s_id": r.subscription_id})
         if delivery_updates:
             await conn.execute(
                 update(deliveries)
@@ -957,25 +990,32 @@ async def _record_attempts_once(db: Database, owner: str, records: Sequence[Atte
                 ),
                 retried,
             )
+        if unheld:
+            await conn.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == bindparam("s_id"))
+                .values(attempts=subscriptions.c.attempts + 1),
+                unheld,
+            )
 
 
 async def record_attempts(db: Database, owner: str, records: Sequence[AttemptRecord]) -> None:
     """Record finished attempts and apply their decisions, in one transaction (retried
     whole on a deadlock; rows are updated in id order so nodes rarely meet one)."""
     ordered = sorted(records, key=lambda r: r.delivery_id)
-    for attempt in range(5):
-        try:
-            await _record_attempts_once(db, owner, ordered)
-            return
-        except DBAPIError as exc:
-            if attempt == 4 or not _is_transient(exc):
-                raise
+    await _retrying(lambda: _record_attempts_once(db, owner, ordered))
 
 
 def _error_text(r: AttemptRecord) -> str:
-    if r.error:
-        return r.error
-    return f"HTTP {r.status_code}"
+    return storable(r.error) or f"HTTP {r.status_code}"
+
+
+def storable(text_value: str | None, limit: int = 4096) -> str | None:
+    """Text as a column can hold it: PostgreSQL refuses NUL characters, and error texts and
+    answer excerpts come from strangers."""
+    if text_value is None:
+        return None
+    return text_value.replace("\x00", "\ufffd")[:limit]
 
 
 # --- Housekeeping ---------------------------------------------------------------------------
@@ -997,6 +1037,7 @@ async def prune(db: Database, older_than_s: float, batch: int = 500) -> int:
                 ).scalar_one()
                 if not got:
                     return total
+            # Locked, so a redelivery cannot revive one of them while it is being deleted.
             ids = (
                 (
                     await conn.execute(
@@ -1005,6 +1046,7 @@ async def prune(db: Database, older_than_s: float, batch: int = 500) -> int:
                             subscriptions.c.status != "active", subscriptions.c.updated_at < cutoff
                         )
                         .limit(batch)
+                        .with_for_update(skip_locked=True)
                     )
                 )
                 .scalars()
@@ -1015,7 +1057,14 @@ async def prune(db: Database, older_than_s: float, batch: int = 500) -> int:
                     delete(delivery_attempts).where(delivery_attempts.c.subscription_id.in_(ids))
                 )
                 await conn.execute(delete(deliveries).where(deliveries.c.subscription_id.in_(ids)))
-                await conn.execute(delete(subscriptions).where(subscriptions.c.id.in_(ids)))
+                # Re-checked here: a redelivery may have made one active since the select.
+                await conn.execute(
+                    delete(subscriptions).where(
+                        subscriptions.c.id.in_(ids),
+                        subscriptions.c.status != "active",
+                        subscriptions.c.updated_at < cutoff,
+                    )
+                )
             else:
                 orphaned = (
                     select(generations.c.id)

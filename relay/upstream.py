@@ -46,7 +46,8 @@ PollKind = Literal["ok", "not_found", "unauthorized", "rate_limited", "error"]
 def normalize_status(raw: str) -> str:
     """The canonical upper-case status for any spelling upstream has used."""
     status = raw.strip().upper().replace("-", "_").replace(" ", "_")
-    return _ALIASES.get(status, status)
+    # Stored in a 32-character column; an unknown status longer than that is still unknown.
+    return _ALIASES.get(status, status).replace("\x00", "")[:32]
 
 
 @dataclass(frozen=True)

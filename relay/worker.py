@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -81,8 +83,7 @@ class Worker:
     def kick_deliverer(self) -> None:
         self._kick(self.deliverer.tick)
 
-    def _kick(self, tick: object) -> None:
-        assert callable(tick)
+    def _kick(self, tick: Callable[[], Coroutine[Any, Any, None]]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(tick())
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)

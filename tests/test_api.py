@@ -646,6 +646,7 @@ BAD_INPUTS = [
     bad_url("callback_url with user:pass", "http://user:pass@93.184.216.34/hook"),
     bad_url("callback_url over 2048 characters", "http://93.184.216.34/" + "a" * 2048),
     bad_url("callback_url with a space", "http://93.184.216.34/a b"),
+    bad_url("callback_url over 2048 bytes as UTF-8", "http://93.184.216.34/" + "é" * 1020),
     bad_url("callback_url empty", ""),
     bad_url("callback_url with a bad port", "http://93.184.216.34:99999/hook"),
     # Private callback URLs (this module's app does not allow private callbacks).
@@ -685,6 +686,8 @@ BAD_INPUTS = [
     bad_query("limit=0", "limit"),
     bad_query("limit=501", "limit"),
     bad_query("limit=abc", "limit"),
+    bad_query("limit=%C2%B2", "limit"),  # "²": a digit to str.isdigit, not to int()
+    bad_query("limit=10%0A", "limit"),
     bad_query("limit=-1", "limit"),
     bad_query("limit=1.5", "limit"),
     bad_query("cursor=garbage", "cursor"),

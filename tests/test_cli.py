@@ -319,3 +319,35 @@ def test_serve_stops_cleanly_on_sigterm(ws: Workspace) -> None:
     lock = hold_sqlite_serve_lock(f"sqlite+aiosqlite:///{ws.db}")
     assert lock is not None
     lock.close()
+
+
+def test_serve_through_a_symlink_is_still_refused_beside_a_running_serve(ws: Workspace) -> None:
+    """The single-process guard follows symlinks: another path to the same file is refused."""
+    link = ws.dir / "link.db"
+    link.symlink_to(ws.db)
+    with serving(ws.env, ws.dir, ws.dir / "serve.log") as first:
+        env = {**ws.env, "RELAY_DATABASE_URL": f"sqlite+aiosqlite:///{link}"}
+        second = relay("serve", "--port", str(free_port()), env=env, cwd=ws.dir)
+        assert second.returncode != 0
+        lines = stderr_lines(second.stderr)
+        assert len(lines) == 1 and "single-process" in lines[0], second.stderr
+        assert first.proc.poll() is None
+
+
+def test_serve_on_a_port_in_use_exits_2_with_one_line(ws: Workspace) -> None:
+    """A taken port is one line and exit code 2, before any worker starts."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = relay("serve", "--port", str(port), env=ws.env, cwd=ws.dir)
+    assert result.returncode == 2
+    lines = stderr_lines(result.stderr)
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], result.stderr
+
+
+def test_serve_on_a_sqlite_path_in_a_missing_folder_exits_2_with_one_line(ws: Workspace) -> None:
+    """A database path that cannot be opened is one clear line, not a traceback."""
+    env = {**ws.env, "RELAY_DATABASE_URL": "sqlite+aiosqlite:////nonexistent/folder/relay.db"}
+    result = relay("serve", "--port", str(free_port()), env=env, cwd=ws.dir)
+    assert result.returncode == 2
+    lines = stderr_lines(result.stderr)
+    assert len(lines) == 1 and "/nonexistent/folder/relay.db" in lines[0], result.stderr

@@ -367,6 +367,31 @@ async def test_500_then_200_delivers_on_the_second_attempt(
     assert attempts[0]["started_at"] <= attempts[1]["started_at"]
 
 
+async def test_an_answer_with_nul_bytes_is_recorded_and_retried(
+    db_url: str, fake_upstream: tuple[FakeUpstream, str]
+) -> None:
+    """A receiver answering NUL bytes cannot stop attempts being recorded (PostgreSQL text)."""
+    answers = [500, 200]
+
+    async def hook(request: Request) -> Response:
+        await request.body()
+        return Response(b"\x00bad\x00answer", status_code=answers.pop(0) if answers else 200)
+
+    sim, upstream_url = fake_upstream
+    key = await new_key(db_url)
+    gen = final_generation(sim, "gen_nul")
+    app = Starlette(routes=[Route("/nul", hook, methods=["POST"])])
+    with serve_in_thread(app) as nul_url:
+        async with running_relay(fast_settings(db_url, upstream_url), key) as client:
+            sub = await subscribe(client, gen.id, f"{nul_url}/nul")
+            done = await wait_status(client, sub["id"], "delivered")
+            attempts = await get_attempts(client, sub["id"])
+    assert done["attempts"] == 2
+    assert [a["status_code"] for a in attempts] == [500, 200]
+    assert "\x00" not in (attempts[0]["response_excerpt"] or "")
+    assert "bad" in (attempts[0]["response_excerpt"] or "")
+
+
 async def test_timeout_is_retried(
     db_url: str, fake_upstream: tuple[FakeUpstream, str], receiver: Receiver
 ) -> None:
