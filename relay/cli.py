@@ -135,6 +135,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # relay is not behind a proxy it trusts by default, and the headers cost per request
+        proxy_headers=False,
+        server_header=False,
     )
     logger.info("listening on http://%s:%d (role %s)", host, sock.getsockname()[1], args.role)
     try:
