@@ -159,6 +159,7 @@ class Deliverer:
         self._waiting_count = 0
         self._per_host: defaultdict[str, int] = defaultdict(int)
         self._host_latency_s: dict[str, float] = {}  # moving average of attempt durations
+        self._host_saturated_since: dict[str, float] = {}  # monotonic time it hit its limit
         self._held: set[int] = set()  # ids in flight or waiting: never queued twice
         self._slot_freed = asyncio.Event()
         self._draining = False
@@ -197,9 +198,11 @@ class Deliverer:
         to a host already at its limit (those go back to the table for a moment)."""
         concurrency = self._settings.delivery_concurrency
         per_host = self._settings.delivery_per_host
+        # Claim in batches: one claim per freed slot would run the claim query per callback.
+        min_claim = max(1, min(CLAIM_BATCH_MAX, concurrency) // 4)
         while not self._closing:
             free = concurrency - len(self._in_flight) - self._waiting_count
-            if free <= 0:
+            if free <= 0 or (free < min_claim and self._in_flight):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
@@ -231,11 +234,19 @@ class Deliverer:
         of the table every second ahead of healthy receivers."""
         per_host = self._settings.delivery_per_host
         queued = self._per_host[host] + len(self._waiting[host])
-        drain_s = queued / per_host * self._host_latency_s.get(host, 1.0)
+        latency_s = self._host_latency_s.get(host, 1.0)
+        saturated_since = self._host_saturated_since.get(host)
+        if saturated_since is not None:
+            # A host that hangs has finished nothing to average yet: it has taken at least
+            # as long as it has been at its limit.
+            latency_s = max(latency_s, time.monotonic() - saturated_since)
+        drain_s = queued / per_host * latency_s
         return min(max(DEFER_S, drain_s), 60.0) * (0.8 + 0.4 * self._rand())
 
     def _start(self, delivery: store.ClaimedDelivery, host: str) -> None:
         self._per_host[host] += 1
+        if self._per_host[host] >= self._settings.delivery_per_host:
+            self._host_saturated_since.setdefault(host, time.monotonic())
         self._held.add(delivery.id)
         self._in_flight[delivery.id] = asyncio.create_task(self._deliver(delivery, host))
 
@@ -246,6 +257,7 @@ class Deliverer:
             previous = self._host_latency_s.get(host, duration_s)
             self._host_latency_s[host] = 0.8 * previous + 0.2 * duration_s
         self._per_host[host] -= 1
+        self._host_saturated_since.pop(host, None)
         queue = self._waiting.get(host)
         if queue:
             self._waiting_count -= 1

@@ -194,9 +194,11 @@ class Poller:
         concurrency = self._settings.poll_concurrency
         # Claim no more than the rate cap lets us poll within a fraction of the lease.
         per_round = max(1, min(CLAIM_BATCH_MAX, int(self._settings.upstream_max_rps)))
+        # Claim in batches: one claim per freed slot would run the claim query once per poll.
+        min_claim = max(1, min(per_round, concurrency) // 4)
         while not self._closing:
             free = concurrency - len(self._in_flight)
-            if free <= 0:
+            if free <= 0 or (free < min_claim and self._in_flight):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
