@@ -33,6 +33,7 @@ from relay.addresses import BlockedAddressError, VettingResolver
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
+from relay.draining import Drainer
 from relay.retry import Outcome, decide, parse_retry_after
 from relay.signing import sign
 
@@ -135,7 +136,7 @@ def host_of(url: str) -> str:
     return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-class Deliverer:
+class Deliverer(Drainer):
     """Drains due deliveries; `tick()` is what the scheduler (or a final result) calls."""
 
     def __init__(
@@ -147,6 +148,7 @@ class Deliverer:
         *,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        super().__init__()
         self._db = db
         self._settings = settings
         self._sender = sender
@@ -162,9 +164,6 @@ class Deliverer:
         self._host_saturated_since: dict[str, float] = {}  # monotonic time it hit its limit
         self._held: set[int] = set()  # ids in flight or waiting: never queued twice
         self._slot_freed = asyncio.Event()
-        self._draining = False
-        self._again = False
-        self._closing = False
         self._records: Batcher[store.AttemptRecord, None] = Batcher(self._write_records)
 
     @property
@@ -172,26 +171,6 @@ class Deliverer:
         """Every delivery this process holds a lease on: sending or waiting for its host."""
         waiting = [d.id for queue in self._waiting.values() for d in queue]
         return [*self._in_flight, *waiting]
-
-    async def tick(self) -> None:
-        if self._closing:
-            return
-        if self._draining:
-            # Work may have been committed after the running drain's last claim: make it
-            # look once more rather than leave that work to the next scheduled tick.
-            self._again = True
-            return
-        self._draining = True
-        try:
-            while True:
-                self._again = False
-                await self._drain()
-                if not self._again or self._closing:
-                    break
-        except Exception:
-            logger.exception("%s tick failed; the next tick retries", type(self).__name__)
-        finally:
-            self._draining = False
 
     async def _drain(self) -> None:
         """Claim while there is room; stop when nothing is due or every due delivery belongs

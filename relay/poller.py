@@ -25,6 +25,7 @@ from relay import store
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
+from relay.draining import Drainer
 from relay.ratelimit import TokenBucket
 from relay.schedule import error_gap_s, poll_gap_s
 from relay.upstream import FINAL_STATUSES, PollResult, UpstreamClient
@@ -135,7 +136,7 @@ def _give_up(
     return store.PollRecord(generation_id, values, event=store.EXPIRED_EVENT, notice_payload=notice)
 
 
-class Poller:
+class Poller(Drainer):
     """Drains due polls; `tick()` is what the scheduler (or a new subscription) calls."""
 
     def __init__(
@@ -149,6 +150,7 @@ class Poller:
         on_deliveries_queued: Callable[[], None] = lambda: None,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        super().__init__()
         self._db = db
         self._settings = settings
         self._upstream = upstream
@@ -161,34 +163,10 @@ class Poller:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._records: Batcher[store.PollRecord, bool] = Batcher(self._write_records)
         self._slot_freed = asyncio.Event()
-        self._draining = False
-        self._again = False
-        self._closing = False
 
     @property
     def in_flight_ids(self) -> list[str]:
         return list(self._in_flight)
-
-    async def tick(self) -> None:
-        """Claim and start every due poll there is room for; return when none is left due."""
-        if self._closing:
-            return
-        if self._draining:
-            # Work may have been committed after the running drain's last claim: make it
-            # look once more rather than leave that work to the next scheduled tick.
-            self._again = True
-            return
-        self._draining = True
-        try:
-            while True:
-                self._again = False
-                await self._drain()
-                if not self._again or self._closing:
-                    break
-        except Exception:
-            logger.exception("%s tick failed; the next tick retries", type(self).__name__)
-        finally:
-            self._draining = False
 
     async def _drain(self) -> None:
         concurrency = self._settings.poll_concurrency
