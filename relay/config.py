@@ -49,10 +49,6 @@ class Settings:
     log_level: str = "INFO"
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def max_attempts(self) -> int:
         return 1 + len(self.delivery_retry_schedule_s)
 

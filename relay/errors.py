@@ -2,10 +2,10 @@
 
     RelayError                   root of everything the relay raises on purpose
     ├── ConfigError              a RELAY_* variable or CLI argument is wrong (exit code 2)
-    ├── StartupError             the process cannot start (e.g. the SQLite file is in use)
-    └── CallbackURLError         a callback URL breaks the contract's rules (also a ValueError)
+    └── StartupError             the process cannot start (e.g. the SQLite file is in use)
 
-Errors of the HTTP API are not exceptions here: `api.py` answers them as JSON bodies.
+Outside this tree on purpose: `addresses.CallbackURLError` is a ValueError (a client's bad
+input, answered 422), and the HTTP API's errors are `api.ApiError`, answered as JSON bodies.
 """
 
 from __future__ import annotations
