@@ -189,7 +189,7 @@ class Deliverer(Drainer):
             claimed = await store.claim_due_deliveries(
                 self._db, self._owner, want, self._settings.lease_s
             )
-            deferred: defaultdict[float, list[int]] = defaultdict(list)
+            deferred: dict[int, float] = {}  # id -> delay, written in one transaction
             for delivery in claimed:
                 if delivery.id in self._held:
                     continue  # our own lease ran out while we held it; the first copy records
@@ -201,9 +201,8 @@ class Deliverer(Drainer):
                     self._waiting_count += 1
                     self._held.add(delivery.id)
                 else:
-                    deferred[self._defer_s(host)].append(delivery.id)
-            for delay_s, ids in deferred.items():
-                await store.defer_deliveries(self._db, self._owner, ids, delay_s)
+                    deferred[delivery.id] = self._defer_s(host)
+            await store.defer_deliveries(self._db, self._owner, deferred)
             if len(claimed) < want:
                 return
 
@@ -229,9 +228,9 @@ class Deliverer(Drainer):
         self._held.add(delivery.id)
         self._in_flight[delivery.id] = asyncio.create_task(self._deliver(delivery, host))
 
-    def _finished(self, delivery_id: int, host: str, duration_s: float | None) -> None:
-        self._in_flight.pop(delivery_id, None)
-        self._held.discard(delivery_id)
+    def _release_host(self, host: str, duration_s: float | None) -> None:
+        """The receiver has answered (or failed): its slot goes to the host's next delivery
+        while this one's attempt is being recorded."""
         if duration_s is not None:
             previous = self._host_latency_s.get(host, duration_s)
             self._host_latency_s[host] = 0.8 * previous + 0.2 * duration_s
@@ -246,18 +245,28 @@ class Deliverer(Drainer):
         elif self._per_host[host] <= 0:
             del self._per_host[host]
             self._host_latency_s.pop(host, None)  # forget hosts no longer in use
+
+    def _finished(self, delivery_id: int) -> None:
+        self._in_flight.pop(delivery_id, None)
+        self._held.discard(delivery_id)
         self._slot_freed.set()
 
     async def _deliver(self, delivery: store.ClaimedDelivery, host: str) -> None:
         duration_ms: int | None = None
         try:
-            started_at = self._db.now()
-            started = time.monotonic()
-            headers = callback_headers(delivery, int(started_at.timestamp()))
-            sent = await self._sender.post(
-                delivery.callback_url, headers, delivery.body, self._settings.delivery_timeout_s
-            )
-            duration_ms = int((time.monotonic() - started) * 1000)
+            try:
+                started_at = self._db.now()
+                started = time.monotonic()
+                headers = callback_headers(delivery, int(started_at.timestamp()))
+                sent = await self._sender.post(
+                    delivery.callback_url,
+                    headers,
+                    delivery.body,
+                    self._settings.delivery_timeout_s,
+                )
+                duration_ms = int((time.monotonic() - started) * 1000)
+            finally:
+                self._release_host(host, None if duration_ms is None else duration_ms / 1000)
             retry_after_s = parse_retry_after(sent.retry_after, time.time())
             decision = decide(
                 Outcome(
@@ -299,7 +308,7 @@ class Deliverer(Drainer):
             # The lease runs out and the delivery is tried again: nothing is lost.
             logger.exception("delivery %s failed unexpectedly", delivery.id)
         finally:
-            self._finished(delivery.id, host, None if duration_ms is None else duration_ms / 1000)
+            self._finished(delivery.id)
 
     async def _write_records(self, records: Sequence[store.AttemptRecord]) -> list[None]:
         await store.record_attempts(self._db, self._owner, records)
@@ -319,7 +328,7 @@ class Deliverer(Drainer):
         self._waiting_count = 0
         self._held.difference_update(waiting)
         if waiting:
-            await store.defer_deliveries(self._db, self._owner, waiting, 0.0)
+            await store.defer_deliveries(self._db, self._owner, dict.fromkeys(waiting, 0.0))
         tasks = list(self._in_flight.values())
         if tasks:
             await asyncio.wait(tasks, timeout=self._settings.delivery_timeout_s + 1)

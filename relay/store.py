@@ -839,17 +839,26 @@ async def renew_delivery_leases(
         )
 
 
-async def defer_deliveries(db: Database, owner: str, ids: Sequence[int], delay_s: float) -> None:
-    """Give leased deliveries back unattempted, due again after `delay_s` (host at capacity)."""
-    if not ids:
+async def defer_deliveries(db: Database, owner: str, delays_s: Mapping[int, float]) -> None:
+    """Give leased deliveries back unattempted, each due again after its delay in seconds
+    (its host is at capacity). One transaction for all of them."""
+    if not delays_s:
         return
-    until = db.now() + timedelta(seconds=delay_s)
-    async with db.transaction() as conn:
-        await conn.execute(
-            update(deliveries)
-            .where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
-            .values(next_attempt_at=until, lease_owner=None)
+    now = db.now()
+    statement = (
+        update(deliveries)
+        .where(deliveries.c.id == bindparam("b_id"), deliveries.c.lease_owner == owner)
+        .values(
+            next_attempt_at=bindparam("b_until", type_=deliveries.c.next_attempt_at.type),
+            lease_owner=None,
         )
+    )
+    rows = [
+        {"b_id": delivery_id, "b_until": now + timedelta(seconds=delay_s)}
+        for delivery_id, delay_s in delays_s.items()
+    ]
+    async with db.transaction() as conn:
+        await conn.execute(statement, rows)
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,20 @@ from typing import IO, Any
 import httpx
 import orjson
 import pytest
+from sqlalchemy import insert, select
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay import __version__
+from relay import __version__, store
 from relay.app import Role, create_app
 from relay.config import Settings
+from relay.database import Database
 from relay.deliverer import EXCERPT_BYTES
 from relay.fakeupstream import FakeUpstream, FinalStatus, Generation
+from relay.models import deliveries, generations
 from relay.store import NewKey
 from tests.conftest import (
     UPSTREAM_KEY,
@@ -508,6 +511,64 @@ async def test_a_hanging_receiver_does_not_delay_a_healthy_one(
     assert len({c.headers["relay-subscription-id"] for c in healthy.on("/ok")}) == count
     for callback in healthy.on("/ok"):
         verified(callback, key)
+
+
+async def test_deferring_a_saturated_hosts_deliveries_hands_them_back_in_one_go(
+    db: Database,
+) -> None:
+    """Deliveries claimed for a host already at its limit go back to the table, each due after
+    its own delay and free for any node; a lease another node holds is not touched."""
+    key = await store.create_key(db, "defer")
+    now = db.now()
+    async with db.transaction() as conn:
+        await conn.execute(
+            insert(generations),
+            [
+                {
+                    "id": f"gen_defer_{i}",
+                    "state": "final",
+                    "status": "COMPLETED",
+                    "result": "{}",
+                    "first_subscribed_at": now,
+                    "final_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for i in range(5)
+            ],
+        )
+    key_hash = store.hash_api_key(key.api_key)
+    requests = [
+        store.CreateRequest(key_hash, f"gen_defer_{i}", f"https://93.184.216.34/{i}", None)
+        for i in range(5)
+    ]
+    await store.create_subscriptions(db, requests)
+    mine = await store.claim_due_deliveries(db, "node-a", 3, lease_s=30)
+    theirs = await store.claim_due_deliveries(db, "node-b", 5, lease_s=30)
+    assert len(mine) == 3 and len(theirs) == 2
+
+    delays = {mine[0].id: 0.0, mine[1].id: 100.0, mine[2].id: 200.0, theirs[0].id: 0.0}
+    await store.defer_deliveries(db, "node-a", delays)
+
+    async with db.reader() as conn:
+        rows = {
+            row.id: row
+            for row in await conn.execute(
+                select(deliveries.c.id, deliveries.c.next_attempt_at, deliveries.c.lease_owner)
+            )
+        }
+    for delivery in mine:
+        assert rows[delivery.id].lease_owner is None
+    due_in_s = {d.id: (rows[d.id].next_attempt_at - now).total_seconds() for d in mine}
+    assert due_in_s[mine[0].id] < 5
+    assert 95 < due_in_s[mine[1].id] < 105
+    assert 195 < due_in_s[mine[2].id] < 205
+    # node-b's lease stands: same owner, still ~30 s out.
+    assert rows[theirs[0].id].lease_owner == "node-b"
+    assert (rows[theirs[0].id].next_attempt_at - now).total_seconds() > 25
+    # What came back due is claimable again; what was pushed out is not.
+    again = await store.claim_due_deliveries(db, "node-c", 5, lease_s=30)
+    assert [d.id for d in again] == [mine[0].id]
 
 
 # --- Private addresses at delivery -------------------------------------------------------------
