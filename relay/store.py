@@ -23,10 +23,25 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, case, delete, func, insert, literal, select, text, update
+from sqlalchemy import (
+    Insert,
+    Table,
+    any_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import KeyedColumnElement
 
 from relay.database import Database
 from relay.ids import new_id
@@ -70,6 +85,48 @@ async def _retrying(work: Callable[[], Awaitable[T]], *, on_integrity_error: boo
             if attempt == 4 or not retry:
                 raise
     raise AssertionError("unreachable")
+
+
+# --- Many rows per statement ------------------------------------------------------------------
+# On PostgreSQL a batch is sent as arrays: one `= ANY($1)` instead of an IN list whose length
+# makes every batch size a new prepared statement, and one INSERT ... SELECT FROM unnest($1,
+# $2, ...) instead of executemany's bind and execute per row. The create path's profile was
+# dominated by those; SQLite keeps the portable forms.
+
+
+def _any_of(column: KeyedColumnElement[Any], values: Sequence[Any], postgres: bool) -> Any:
+    """`column IN values`, as one array parameter on PostgreSQL."""
+    if postgres:
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(values)
+
+
+_UNNEST_INSERTS: dict[tuple[str, tuple[str, ...]], Insert] = {}
+
+
+def _unnest_insert(table: Table, names: tuple[str, ...]) -> Insert:
+    key = (table.name, names)
+    statement = _UNNEST_INSERTS.get(key)
+    if statement is None:
+        arrays = [bindparam(f"u_{name}", type_=ARRAY(table.c[name].type)) for name in names]
+        source = func.unnest(*arrays).table_valued(*names).render_derived()
+        statement = insert(table).from_select(names, select(*[source.c[n] for n in names]))
+        _UNNEST_INSERTS[key] = statement
+    return statement
+
+
+async def _insert_rows(
+    conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]], postgres: bool
+) -> None:
+    """Insert rows that all have the same keys, in one statement on PostgreSQL."""
+    if not rows:
+        return
+    if not postgres:
+        await conn.execute(insert(table), list(rows))
+        return
+    names = tuple(rows[0])
+    columns = {f"u_{name}": [row[name] for row in rows] for name in names}
+    await conn.execute(_unnest_insert(table, names), columns)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -205,7 +262,8 @@ async def _create_subscriptions(
     hashes = {r.key_hash for r in requests}
     key_rows = await conn.execute(
         select(api_keys.c.key_hash, api_keys.c.id).where(
-            api_keys.c.key_hash.in_(hashes), api_keys.c.revoked_at.is_(None)
+            _any_of(api_keys.c.key_hash, sorted(hashes), postgres),
+            api_keys.c.revoked_at.is_(None),
         )
     )
     key_ids: dict[str, str] = {row.key_hash: row.id for row in key_rows}
@@ -224,8 +282,8 @@ async def _create_subscriptions(
             select(subscriptions, generations.c.status.label("generation_status"))
             .join(generations, generations.c.id == subscriptions.c.generation_id)
             .where(
-                subscriptions.c.generation_id.in_(gen_ids),
-                subscriptions.c.api_key_id.in_(set(key_ids.values())),
+                _any_of(subscriptions.c.generation_id, gen_ids, postgres),
+                _any_of(subscriptions.c.api_key_id, sorted(set(key_ids.values())), postgres),
                 subscriptions.c.status == "active",
             )
         )
@@ -272,10 +330,9 @@ async def _create_subscriptions(
             and gen["next_poll_at"] <= now
         ):
             outcome.polls_queued = True
-    if new_rows:
-        await conn.execute(insert(subscriptions), new_rows)
+    await _insert_rows(conn, subscriptions, new_rows, postgres)
     if new_deliveries:
-        await conn.execute(insert(deliveries), new_deliveries)
+        await _insert_rows(conn, deliveries, new_deliveries, postgres)
         outcome.deliveries_queued = True
     return outcome
 
@@ -291,7 +348,11 @@ async def _lock_or_create_generations(
         generations.c.status,
         generations.c.next_poll_at,
     )
-    query = select(*columns).where(generations.c.id.in_(gen_ids)).order_by(generations.c.id)
+    query = (
+        select(*columns)
+        .where(_any_of(generations.c.id, gen_ids, postgres))
+        .order_by(generations.c.id)
+    )
     if postgres:
         query = query.with_for_update()
     found: dict[str, dict[str, Any]] = {
@@ -299,8 +360,9 @@ async def _lock_or_create_generations(
     }
     missing = [gid for gid in gen_ids if gid not in found]
     if missing:
-        await conn.execute(
-            insert(generations),
+        await _insert_rows(
+            conn,
+            generations,
             [
                 {
                     "id": gid,
@@ -313,6 +375,7 @@ async def _lock_or_create_generations(
                 }
                 for gid in missing
             ],
+            postgres,
         )
     wake = [gid for gid, row in found.items() if row["state"] in ("idle", "expired")]
     if wake:
@@ -320,7 +383,7 @@ async def _lock_or_create_generations(
         # fresh TTL: the relay gave up on it for earlier subscribers, not for this one.
         await conn.execute(
             update(generations)
-            .where(generations.c.id.in_(wake))
+            .where(_any_of(generations.c.id, wake, postgres))
             .values(
                 state="polling",
                 next_poll_at=now,
