@@ -103,7 +103,7 @@ def _drain(results: Results, database: str, workdir: Path, count: int, hanging: 
             arrivals = httpx.get(f"{receiver.url}/_arrivals", timeout=60).json()
     finally:
         drop_database(url)
-    times = sorted(a[2] for a in arrivals if "/ok/" in a[3])
+    times: list[float] = sorted(a[2] for a in arrivals if "/ok/" in a[3])
     if len(times) < fast:
         results.add(
             "delivery",

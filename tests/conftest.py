@@ -12,7 +12,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +185,8 @@ def receiver() -> Iterator[Receiver]:
         path = request.url.path
         state.received.append(Received(path, dict(request.headers), body, time.time()))
         script = state.responses.get(path)
-        status, headers, delay_s = (200, {}, 0.0)
+        headers: dict[str, str] = {}
+        status, delay_s = 200, 0.0
         if script:
             status, headers, delay_s = script.pop(0) if len(script) > 1 else script[0]
         if delay_s:
@@ -204,6 +205,11 @@ async def new_key(database_url: str, name: str = "test") -> store.NewKey:
         return await store.create_key(database, name)
     finally:
         await database.dispose()
+
+
+def constant(value: float) -> Callable[[], float]:
+    """A stand-in for random.random that always draws `value`."""
+    return lambda: value
 
 
 async def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:

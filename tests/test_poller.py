@@ -25,7 +25,7 @@ from standardwebhooks.webhooks import Webhook
 from relay.app import create_app
 from relay.config import Settings
 from relay.database import open_database
-from relay.fakeupstream import FakeUpstream
+from relay.fakeupstream import FakeUpstream, FinalStatus
 from tests.conftest import UPSTREAM_KEY, Receiver, fast_settings, new_key, wait_for
 from tests.servers import serve_in_thread
 
@@ -235,7 +235,7 @@ TRANSIENT_FAULTS: dict[str, dict[str, Any]] = {
     "not_found_for_a_while": {"not_found_for_s": 0.8},
     "legacy_statuses": {"legacy_status": True},
 }
-OUTCOMES = ("COMPLETED", "FAILED", "CANCELED")
+OUTCOMES: tuple[FinalStatus, ...] = ("COMPLETED", "FAILED", "CANCELED")
 
 
 async def test_transient_upstream_faults_still_complete(

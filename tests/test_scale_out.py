@@ -12,11 +12,12 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from bench.harness import Cluster, cluster, create_key
+from bench.harness import Cluster, Proc, cluster, create_key
 from tests.conftest import drop_pg_database, pg_url_for_new_database, sync_count
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(900)]
@@ -44,7 +45,7 @@ def pg_url() -> Iterator[str]:
     drop_pg_database(url)
 
 
-def _start_nodes(c: Cluster, db_url: str, upstream: str, count: int) -> list:
+def _start_nodes(c: Cluster, db_url: str, upstream: str, count: int) -> list[Proc]:
     env = {**NODE_ENV, "RELAY_DATABASE_URL": db_url, "RELAY_UPSTREAM_URL": upstream}
     nodes = [c.relay(f"relay-{i}", env) for i in range(count)]
     for node in nodes:
@@ -53,7 +54,7 @@ def _start_nodes(c: Cluster, db_url: str, upstream: str, count: int) -> list:
 
 
 async def _subscribe_all(
-    nodes: list, api_key: str, receiver_url: str, rng: random.Random
+    nodes: list[Proc], api_key: str, receiver_url: str, rng: random.Random
 ) -> list[tuple[str, str]]:
     """One to three subscriptions per generation, spread over the nodes; returns (sub, gen)."""
     plan = [
@@ -110,7 +111,7 @@ async def _wait_delivered(db_url: str, expected: int, timeout_s: float) -> None:
             await asyncio.sleep(1)
 
 
-def _run_scale(tmp_path: Path, db_url: str, kill_midway: bool) -> dict:
+def _run_scale(tmp_path: Path, db_url: str, kill_midway: bool) -> dict[str, Any]:
     rng = random.Random(42)
     with cluster(tmp_path / "procs") as c:
         upstream = c.fake_upstream(api_key="scale-key", seed=3)

@@ -15,6 +15,7 @@ from relay.config import Settings
 from relay.poller import plan_record
 from relay.schedule import GROWTH, JITTER, error_gap_s, poll_gap_s
 from relay.upstream import FINAL_STATUSES, PollResult, classify, normalize_status
+from tests.conftest import constant
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 SETTINGS = Settings(
@@ -78,7 +79,7 @@ def test_poll_gap_jitter_is_ten_percent_either_way() -> None:
     base = 2.0 * GROWTH**3
     assert poll_gap_s(3, 2.0, 30.0, lambda: 0.0) == pytest.approx(base * (1 - JITTER))
     assert poll_gap_s(3, 2.0, 30.0, lambda: 1.0) == pytest.approx(base * (1 + JITTER))
-    spread = {round(poll_gap_s(3, 2.0, 30.0, lambda r=r: r), 6) for r in (0.1, 0.3, 0.7, 0.9)}
+    spread = {round(poll_gap_s(3, 2.0, 30.0, constant(r)), 6) for r in (0.1, 0.3, 0.7, 0.9)}
     assert len(spread) == 4
 
 

@@ -7,12 +7,13 @@ import orjson
 from standardwebhooks.webhooks import Webhook
 
 from relay.app import create_app
+from relay.fakeupstream import FakeUpstream
 from tests.conftest import Receiver, fast_settings, new_key, wait_for
 from tests.servers import serve_in_thread
 
 
 async def test_subscription_gets_a_signed_callback(
-    db_url: str, fake_upstream, receiver: Receiver
+    db_url: str, fake_upstream: tuple[FakeUpstream, str], receiver: Receiver
 ) -> None:
     """A subscription to a generation that completes gets one verified callback with the final body."""
     sim, upstream_url = fake_upstream
