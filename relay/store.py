@@ -276,20 +276,20 @@ async def _create_subscriptions(
 
     existing: dict[tuple[str, str, str], dict[str, Any]] = {}
     if gen_ids:
-        # By key and generation (the partial unique index), then matched in Python: a
-        # row-value IN over the three columns makes SQLite scan every active subscription.
+        # By generation alone (ix_subscriptions_generation_status), keys matched here: given
+        # the keys too, PostgreSQL's estimates on a fast-growing table chose the partial
+        # unique index by key and filtered every subscription of those keys; and a row-value
+        # IN over the three columns makes SQLite scan every active subscription.
         rows = await conn.execute(
-            select(subscriptions, generations.c.status.label("generation_status"))
-            .join(generations, generations.c.id == subscriptions.c.generation_id)
-            .where(
+            select(subscriptions).where(
                 _any_of(subscriptions.c.generation_id, gen_ids, postgres),
-                _any_of(subscriptions.c.api_key_id, sorted(set(key_ids.values())), postgres),
                 subscriptions.c.status == "active",
             )
         )
         for found in rows.mappings():
             triple = (found["api_key_id"], found["generation_id"], found["callback_url"])
-            existing[triple] = dict(found)
+            generation_status = gens[found["generation_id"]]["status"]
+            existing[triple] = {**found, "generation_status": generation_status}
 
     new_rows: list[dict[str, Any]] = []
     new_deliveries: list[dict[str, Any]] = []
