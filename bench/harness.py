@@ -125,6 +125,27 @@ class Cluster:
         self.procs.append(proc)
         return proc.start(ready_path="/_stats")
 
+    def bare_ingest(self, database_url: str) -> Proc:
+        """The baseline handler of the ingest benchmark (bench/bare_ingest.py)."""
+        port = free_port()
+        proc = Proc(
+            "bare-ingest",
+            [
+                sys.executable,
+                "-m",
+                "bench.bare_ingest",
+                "--port",
+                str(port),
+                "--database-url",
+                database_url,
+            ],
+            dict(os.environ),
+            self.workdir / "bare-ingest.log",
+            f"http://127.0.0.1:{port}",
+        )
+        self.procs.append(proc)
+        return proc.start()
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.kill(signal.SIGTERM)

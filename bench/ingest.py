@@ -17,12 +17,14 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Results, drop_database, new_database
 from bench.harness import ROOT, cluster, create_key
 
 CONCURRENCIES = (32, 64, 128)
+Driver = Callable[[str, list[str], int, int], dict[str, float]]
 
 
 def _wrk(url: str, keys: list[str], concurrency: int, duration_s: int) -> dict[str, float]:
@@ -82,18 +84,40 @@ def _loadgen(url: str, keys: list[str], concurrency: int, duration_s: int) -> di
 
 
 def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
+    duration_s = 3 if quick else 10
+    concurrencies = CONCURRENCIES[:2] if quick else CONCURRENCIES
+    driver = _wrk if shutil.which("wrk") else _loadgen
+    tool = "wrk" if driver is _wrk else "aiohttp loadgen"
+    relay_rates = _relay(results, database, workdir, driver, tool, concurrencies, duration_s)
+    bare_rates = _bare(results, database, workdir, driver, concurrencies, duration_s)
+    for concurrency in concurrencies:
+        if bare_rates.get(concurrency):
+            ratio = relay_rates[concurrency] / bare_rates[concurrency]
+            results.add(
+                "ingest", database, f"relay / bare handler (c={concurrency})", f"{ratio:.2f}x"
+            )
+
+
+def _relay(
+    results: Results,
+    database: str,
+    workdir: Path,
+    driver: Driver,
+    tool: str,
+    concurrencies: tuple[int, ...],
+    duration_s: int,
+) -> dict[int, float]:
+    rates: dict[int, float] = {}
     url = new_database(database, workdir)
     try:
         keys = [create_key(url, f"ingest-{i}")["api_key"] for i in range(8)]
-        duration_s = 3 if quick else 10
         with cluster(workdir / f"ingest-{database}") as c:
             node = c.relay(
                 "relay", {"RELAY_DATABASE_URL": url, "RELAY_LOG_LEVEL": "WARNING"}, role="api"
             ).start()
-            driver = _wrk if shutil.which("wrk") else _loadgen
-            tool = "wrk" if driver is _wrk else "aiohttp loadgen"
-            for concurrency in CONCURRENCIES[:2] if quick else CONCURRENCIES:
+            for concurrency in concurrencies:
                 figures = driver(node.url, keys, concurrency, duration_s)
+                rates[concurrency] = figures["rate"]
                 note = f"{tool}, {concurrency} connections, {duration_s} s"
                 if figures["errors"]:
                     note += f", {figures['errors']:.0f} errors"
@@ -112,3 +136,36 @@ def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
                 )
     finally:
         drop_database(url)
+    return rates
+
+
+def _bare(
+    results: Results,
+    database: str,
+    workdir: Path,
+    driver: Driver,
+    concurrencies: tuple[int, ...],
+    duration_s: int,
+) -> dict[int, float]:
+    """The same load on the bare one-insert-per-request handler, on its own new database."""
+    rates: dict[int, float] = {}
+    url = new_database(database, workdir)
+    try:
+        with cluster(workdir / f"ingest-bare-{database}") as c:
+            node = c.bare_ingest(url)
+            for concurrency in concurrencies:
+                figures = driver(node.url, ["unused"], concurrency, duration_s)
+                rates[concurrency] = figures["rate"]
+                note = "one insert per request, no checks"
+                if figures["errors"]:
+                    note += f", {figures['errors']:.0f} errors"
+                results.add(
+                    "ingest",
+                    database,
+                    f"bare handler requests/s (c={concurrency})",
+                    f"{figures['rate']:.0f}",
+                    note,
+                )
+    finally:
+        drop_database(url)
+    return rates
