@@ -1,6 +1,6 @@
 """The private-address rule for callback URLs: which hosts the relay may call.
 
-This module owns three things:
+This module owns four things:
 
 - `is_blocked_ip()`: the one definition of a blocked address (loopback, private, CGNAT,
   link-local, unique-local, site-local, multicast, unspecified, broadcast, reserved,
@@ -10,7 +10,8 @@ This module owns three things:
   does not resolve to a blocked address;
 - `VettingResolver`: the same check at delivery time, inside aiohttp's connector, on the
   very addresses the connection is then made to, so a DNS answer that changes between the
-  check and the connect cannot reach a private network.
+  check and the connect cannot reach a private network;
+- `receiver_host()`: which receiver a callback URL points at, the unit of per-host limits.
 
 It must not read settings (callers pass `allow_private`), open connections, or log: a
 refusal is an exception with a reason fit to show the client.
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import TypeAlias
+from urllib.parse import urlsplit
 
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -96,6 +98,16 @@ _BLOCKED_V6 = tuple(
 )
 # DNS64 answers on IPv6-only networks carry the real IPv4 address under this prefix.
 _NAT64 = IPv6Network("64:ff9b::/96")
+
+
+def receiver_host(url: str) -> str:
+    """The receiver a callback URL points at, "hostname:port": the unit of per-host limits."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+    except ValueError:  # not a port: such a URL was refused at subscription time anyway
+        port = 0
+    return f"{(parts.hostname or '').lower()}:{port}"
 
 
 def is_blocked_ip(ip: IPAddress) -> bool:

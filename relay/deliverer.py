@@ -3,9 +3,11 @@
 The outbox is the `deliveries` table: rows are written in the transaction that records a
 final result, leased here like polls are, and released with the attempt's record. Many
 callbacks are in flight at once, bounded overall and per receiver host: a receiver that hangs
-until the timeout holds at most `RELAY_DELIVERY_PER_HOST` slots, and its other deliveries are
-given back to the table (deferred) instead of waiting in memory, so healthy receivers keep
-their rate.
+until the timeout holds at most `RELAY_DELIVERY_PER_HOST` slots (and as many claimed ones
+wait for them); when more of its deliveries are claimed, they and the rest of its due backlog
+are given back to the table in one statement (deferred) for about the time its queue here
+takes to drain, so healthy receivers keep their rate and a dead receiver's backlog is not
+claimed over and over.
 
 The HTTP client is aiohttp, chosen by measurement (docs/benchmarks.md): stock httpx slows to a
 few hundred POSTs/s with many in flight. The sender is the seam: `CallbackSender` can be
@@ -131,11 +133,6 @@ def callback_headers(delivery: store.ClaimedDelivery, timestamp: int) -> dict[st
     }
 
 
-def host_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-
-
 class Deliverer(Drainer):
     """Drains due deliveries; `tick()` is what the scheduler (or a final result) calls."""
 
@@ -189,11 +186,11 @@ class Deliverer(Drainer):
             claimed = await store.claim_due_deliveries(
                 self._db, self._owner, want, self._settings.lease_s
             )
-            deferred: dict[int, float] = {}  # id -> delay, written in one transaction
+            surplus: defaultdict[str, list[int]] = defaultdict(list)  # host -> claimed ids
             for delivery in claimed:
                 if delivery.id in self._held:
                     continue  # our own lease ran out while we held it; the first copy records
-                host = host_of(delivery.callback_url)
+                host = delivery.host
                 if self._per_host[host] < per_host:
                     self._start(delivery, host)
                 elif len(self._waiting[host]) < per_host:
@@ -201,13 +198,23 @@ class Deliverer(Drainer):
                     self._waiting_count += 1
                     self._held.add(delivery.id)
                 else:
-                    deferred[delivery.id] = self._defer_s(host)
-            await store.defer_deliveries(self._db, self._owner, deferred)
+                    surplus[host].append(delivery.id)
+            if surplus:
+                # The host's whole due backlog goes back with them, in one statement: else
+                # it would be claimed and given back again, delivery by delivery.
+                await store.defer_hosts(
+                    self._db,
+                    self._owner,
+                    {
+                        host: store.HostDeferral(ids, self._defer_s(host))
+                        for host, ids in surplus.items()
+                    },
+                )
             if len(claimed) < want:
                 return
 
     def _defer_s(self, host: str) -> float:
-        """How long to give a saturated host's delivery back for: about the time its queue
+        """How long to give a saturated host's deliveries back for: about the time its queue
         here takes to drain, so a slow receiver's backlog does not come back to the front
         of the table every second ahead of healthy receivers."""
         per_host = self._settings.delivery_per_host

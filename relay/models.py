@@ -151,9 +151,19 @@ deliveries = Table(
     Column("next_attempt_at", UTCDateTime(), nullable=True),
     Column("lease_owner", String(40), nullable=True),
     Column("last_error", Text, nullable=True),
+    # The receiver, "hostname:port" of the callback URL (addresses.receiver_host): a host
+    # that is at its limit has its due deliveries pushed back in one statement.
+    Column("host", String(300), nullable=True),
     _now_column("created_at"),
     _now_column("updated_at"),
     Index("ix_deliveries_due", "next_attempt_at"),
+    Index(
+        "ix_deliveries_host_due",
+        "host",
+        "next_attempt_at",
+        sqlite_where=text("status = 'pending'"),
+        postgresql_where=text("status = 'pending'"),
+    ),
     Index("ix_deliveries_subscription", "subscription_id"),
 )
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Insert,
     Table,
+    and_,
     any_,
     bindparam,
     case,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     update,
@@ -43,6 +45,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import KeyedColumnElement
 
+from relay.addresses import receiver_host
 from relay.database import Database
 from relay.ids import new_id
 from relay.models import (
@@ -322,7 +325,9 @@ async def _create_subscriptions(
         if gen["state"] == "final":
             # Late registration: the result is known, deliver without another poll.
             new_deliveries.append(
-                _delivery_row(row["id"], EVENT_BY_STATUS[gen["status"]], None, now)
+                _delivery_row(
+                    row["id"], request.callback_url, EVENT_BY_STATUS[gen["status"]], None, now
+                )
             )
         elif (
             gen["state"] == "polling"
@@ -573,9 +578,9 @@ async def _redeliver_once(db: Database, key_id: str, sub_id: str) -> RowMapping 
     async with db.transaction() as conn:
         sub = (
             await conn.execute(
-                select(subscriptions.c.id, subscriptions.c.status).where(
-                    subscriptions.c.id == sub_id, subscriptions.c.api_key_id == key_id
-                )
+                select(
+                    subscriptions.c.id, subscriptions.c.status, subscriptions.c.callback_url
+                ).where(subscriptions.c.id == sub_id, subscriptions.c.api_key_id == key_id)
             )
         ).first()
         if sub is None:
@@ -606,7 +611,7 @@ async def _redeliver_once(db: Database, key_id: str, sub_id: str) -> RowMapping 
                 .values(next_attempt_at=now, updated_at=now)
             )
         else:
-            row = _delivery_row(sub_id, last["event"], last["payload"], now)
+            row = _delivery_row(sub_id, sub.callback_url, last["event"], last["payload"], now)
             row["webhook_id"] = last["webhook_id"]
             await conn.execute(insert(deliveries).values(**row))
         if sub.status == "failed":
@@ -634,9 +639,12 @@ async def _redeliver_once(db: Database, key_id: str, sub_id: str) -> RowMapping 
         )
 
 
-def _delivery_row(sub_id: str, event: str, payload: str | None, now: datetime) -> dict[str, Any]:
+def _delivery_row(
+    sub_id: str, callback_url: str, event: str, payload: str | None, now: datetime
+) -> dict[str, Any]:
     return {
         "subscription_id": sub_id,
+        "host": receiver_host(callback_url),
         "webhook_id": new_message_id(),
         "event": event,
         "payload": payload,
@@ -737,7 +745,7 @@ async def _record_polls_once(db: Database, owner: str, records: Sequence[PollRec
         held_query = (
             select(generations.c.id)
             .where(
-                generations.c.id.in_([r.generation_id for r in records]),
+                _any_of(generations.c.id, [r.generation_id for r in records], db.is_postgres),
                 generations.c.lease_owner == owner,
                 generations.c.state == "polling",
             )
@@ -771,18 +779,24 @@ async def _record_polls_once(db: Database, owner: str, records: Sequence[PollRec
         }
         if ended:
             subs = await conn.execute(
-                select(subscriptions.c.id, subscriptions.c.generation_id).where(
-                    subscriptions.c.generation_id.in_(list(ended)),
+                select(
+                    subscriptions.c.id,
+                    subscriptions.c.generation_id,
+                    subscriptions.c.callback_url,
+                ).where(
+                    _any_of(subscriptions.c.generation_id, list(ended), db.is_postgres),
                     subscriptions.c.status == "active",
                 )
             )
             rows = []
-            for sub_id, gen_id in subs:
+            for sub_id, gen_id, callback_url in subs:
                 record = ended[gen_id]
                 assert record.event is not None
-                rows.append(_delivery_row(sub_id, record.event, record.notice_payload, now))
+                rows.append(
+                    _delivery_row(sub_id, callback_url, record.event, record.notice_payload, now)
+                )
             if rows:
-                await conn.execute(insert(deliveries), rows)
+                await _insert_rows(conn, deliveries, rows, db.is_postgres)
     return [r.generation_id in held for r in records]
 
 
@@ -805,6 +819,7 @@ class ClaimedDelivery:
     attempts: int  # attempts of this delivery so far
     subscription_attempts: int  # attempts of the subscription so far (numbering)
     callback_url: str
+    host: str  # addresses.receiver_host(callback_url)
     signing_secret: str
     body: bytes
 
@@ -841,6 +856,7 @@ async def claim_due_deliveries(
                         deliveries.c.event,
                         deliveries.c.attempts,
                         deliveries.c.payload,
+                        deliveries.c.host,
                         subscriptions.c.attempts.label("subscription_attempts"),
                         subscriptions.c.callback_url,
                         api_keys.c.signing_secret,
@@ -849,7 +865,7 @@ async def claim_due_deliveries(
                     .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
                     .join(api_keys, api_keys.c.id == subscriptions.c.api_key_id)
                     .join(generations, generations.c.id == subscriptions.c.generation_id)
-                    .where(deliveries.c.id.in_(ids))
+                    .where(_any_of(deliveries.c.id, ids, db.is_postgres))
                 )
             )
             .mappings()
@@ -872,6 +888,7 @@ async def claim_due_deliveries(
                 attempts=row["attempts"],
                 subscription_attempts=row["subscription_attempts"],
                 callback_url=row["callback_url"],
+                host=row["host"] or receiver_host(row["callback_url"]),
                 signing_secret=row["signing_secret"],
                 body=body,
             )
@@ -922,6 +939,58 @@ async def defer_deliveries(db: Database, owner: str, delays_s: Mapping[int, floa
     ]
     async with db.transaction() as conn:
         await conn.execute(statement, rows)
+
+
+@dataclass(frozen=True)
+class HostDeferral:
+    """A host at its limit: the deliveries claimed for it beyond the limit, and for how long
+    to give them, and every other delivery of the host that is due, back."""
+
+    claimed_ids: Sequence[int]
+    delay_s: float
+
+
+async def defer_hosts(db: Database, owner: str, hosts: Mapping[str, HostDeferral]) -> int:
+    """Push each host's due deliveries back by its delay, with the ones this owner claimed for
+    it; deliveries leased (being sent) by anyone are not touched. One statement per host, so a
+    receiver that hangs with a large backlog costs one UPDATE per deferral instead of a claim
+    and a deferral per delivery. Returns how many deliveries were deferred."""
+    if not hosts:
+        return 0
+
+    async def work() -> int:
+        now = db.now()
+        deferred = 0
+        async with db.transaction() as conn:
+            for host, deferral in sorted(hosts.items()):
+                deferred += await _defer_host(conn, db.is_postgres, owner, host, deferral, now)
+        return deferred
+
+    return await _retrying(work)
+
+
+async def _defer_host(
+    conn: AsyncConnection,
+    postgres: bool,
+    owner: str,
+    host: str,
+    deferral: HostDeferral,
+    now: datetime,
+) -> int:
+    mine = and_(
+        _any_of(deliveries.c.id, deferral.claimed_ids, postgres),
+        deliveries.c.lease_owner == owner,
+    )
+    result = await conn.execute(
+        update(deliveries)
+        .where(
+            deliveries.c.host == host,
+            deliveries.c.status == "pending",
+            or_(deliveries.c.next_attempt_at <= now, mine),
+        )
+        .values(next_attempt_at=now + timedelta(seconds=deferral.delay_s), lease_owner=None)
+    )
+    return int(result.rowcount)
 
 
 @dataclass(frozen=True)

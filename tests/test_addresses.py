@@ -24,6 +24,7 @@ from relay.addresses import (
     VettingResolver,
     is_blocked_ip,
     parse_callback_url,
+    receiver_host,
     vet_callback_url,
 )
 from tests.servers import serve_in_thread
@@ -593,3 +594,19 @@ async def test_session_in_allow_mode_reaches_the_local_server(local_port: int) -
     inner = StaticResolver({"callback.example": ["127.0.0.1"]})
     resolver = VettingResolver(allow_private=True, inner=inner)
     assert await _get(resolver, f"http://callback.example:{local_port}/") == (200, "ok")
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("https://hooks.example.com/a", "hooks.example.com:443"),
+        ("http://hooks.example.com/a", "hooks.example.com:80"),
+        ("HTTPS://Hooks.EXAMPLE.com:8443/a?b=1#c", "hooks.example.com:8443"),
+        ("https://user:pw@hooks.example.com/a", "hooks.example.com:443"),
+        ("http://[2606:4700::1111]:8080/a", "2606:4700::1111:8080"),
+        ("http://93.184.216.34/a", "93.184.216.34:80"),
+        ("https://hooks.example.com:99999/a", "hooks.example.com:0"),  # never raises
+    ],
+)
+def test_receiver_host_is_the_lowercased_host_and_effective_port(url: str, host: str) -> None:
+    assert receiver_host(url) == host

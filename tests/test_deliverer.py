@@ -16,13 +16,14 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 import orjson
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,7 +36,7 @@ from relay.config import Settings
 from relay.database import Database
 from relay.deliverer import EXCERPT_BYTES
 from relay.fakeupstream import FakeUpstream, FinalStatus, Generation
-from relay.models import deliveries, generations
+from relay.models import deliveries, generations, subscriptions
 from relay.store import NewKey
 from tests.conftest import (
     UPSTREAM_KEY,
@@ -569,6 +570,88 @@ async def test_deferring_a_saturated_hosts_deliveries_hands_them_back_in_one_go(
     # What came back due is claimable again; what was pushed out is not.
     again = await store.claim_due_deliveries(db, "node-c", 5, lease_s=30)
     assert [d.id for d in again] == [mine[0].id]
+
+
+async def test_a_saturated_host_has_its_due_backlog_deferred_in_one_statement(
+    db: Database,
+) -> None:
+    """defer_hosts gives back what this node claimed beyond the host's limit and every other
+    due delivery of that host; deliveries of other hosts and leases held by anyone (being sent)
+    are not touched."""
+    key = await store.create_key(db, "defer-hosts")
+    now = db.now()
+    urls = [f"https://93.184.216.34/{i}" for i in range(6)] + [
+        f"https://93.184.216.35/{i}" for i in range(2)
+    ]
+    async with db.transaction() as conn:
+        await conn.execute(
+            insert(generations),
+            [
+                {
+                    "id": f"gen_dh_{i}",
+                    "state": "final",
+                    "status": "COMPLETED",
+                    "result": "{}",
+                    "first_subscribed_at": now,
+                    "final_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for i in range(len(urls))
+            ],
+        )
+    key_hash = store.hash_api_key(key.api_key)
+    await store.create_subscriptions(
+        db,
+        [store.CreateRequest(key_hash, f"gen_dh_{i}", url, None) for i, url in enumerate(urls)],
+    )
+    async with db.reader() as conn:
+        by_url = dict(
+            (
+                await conn.execute(
+                    select(subscriptions.c.callback_url, deliveries.c.id).join(
+                        deliveries, deliveries.c.subscription_id == subscriptions.c.id
+                    )
+                )
+            ).all()
+        )
+    slow = [by_url[url] for url in urls[:6]]
+    other = [by_url[url] for url in urls[6:]]
+    # node-a sends slow[0] and has claimed slow[1] beyond the limit; node-b sends slow[2].
+    async with db.transaction() as conn:
+        for delivery_id, owner in ((slow[0], "node-a"), (slow[1], "node-a"), (slow[2], "node-b")):
+            await conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id)
+                .values(lease_owner=owner, next_attempt_at=now + timedelta(seconds=30))
+            )
+
+    deferred = await store.defer_hosts(
+        db, "node-a", {"93.184.216.34:443": store.HostDeferral([slow[1]], 100.0)}
+    )
+
+    async with db.reader() as conn:
+        rows = {
+            row.id: row
+            for row in await conn.execute(
+                select(deliveries.c.id, deliveries.c.next_attempt_at, deliveries.c.lease_owner)
+            )
+        }
+
+    def due_in_s(delivery_id: int) -> float:
+        return float((rows[delivery_id].next_attempt_at - now).total_seconds())
+
+    assert deferred == 4  # slow[1] and the three due, unleased ones
+    for delivery_id in (slow[1], *slow[3:]):
+        assert 95 < due_in_s(delivery_id) < 105
+        assert rows[delivery_id].lease_owner is None
+    assert rows[slow[0]].lease_owner == "node-a" and 25 < due_in_s(slow[0]) < 35
+    assert rows[slow[2]].lease_owner == "node-b" and 25 < due_in_s(slow[2]) < 35
+    for delivery_id in other:
+        assert due_in_s(delivery_id) < 5  # due since they were written
+    claimed = await store.claim_due_deliveries(db, "node-c", 10, lease_s=30)
+    assert sorted(d.id for d in claimed) == sorted(other)
+    assert {d.host for d in claimed} == {"93.184.216.35:443"}
 
 
 # --- Private addresses at delivery -------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -103,6 +103,75 @@ def test_upgrade_check_downgrade_upgrade(empty_url: str) -> None:
     migrate.upgrade(empty_url)
     assert table_names(empty_url) >= RELAY_TABLES
     command.check(config)
+
+
+def test_0002_names_the_host_of_pending_deliveries(empty_url: str) -> None:
+    """A database at 0001 with deliveries in it: upgrading fills in the receiver host of the
+    pending ones (the claims group by it) and leaves finished ones alone; down and up again."""
+    migrate.upgrade(empty_url, "0001")
+    now = "2026-11-28 12:00:00"
+    statements = [
+        "INSERT INTO api_keys (id, name, key_hash, key_prefix, signing_secret, created_at)"
+        f" VALUES ('key_1', 'k', 'h', 'p', 's', '{now}')",
+        "INSERT INTO generations (id, state, status, first_subscribed_at, created_at, updated_at)"
+        f" VALUES ('gen_1', 'final', 'COMPLETED', '{now}', '{now}', '{now}')",
+    ]
+    urls = {
+        "sub_1": "https://Hooks.Example.com/a?x=1",
+        "sub_2": "http://93.184.216.34:8080/b",
+        "sub_3": "https://done.example.com/c",
+    }
+    for sub_id, url in urls.items():
+        statements.append(
+            "INSERT INTO subscriptions (id, api_key_id, generation_id, callback_url, status,"
+            f" attempts, created_at, updated_at) VALUES ('{sub_id}', 'key_1', 'gen_1', '{url}',"
+            f" 'active', 0, '{now}', '{now}')"
+        )
+    for number, (sub_id, status) in enumerate(
+        [("sub_1", "pending"), ("sub_2", "pending"), ("sub_3", "delivered")], start=1
+    ):
+        statements.append(
+            "INSERT INTO deliveries (id, subscription_id, webhook_id, event, status, attempts,"
+            f" next_attempt_at, created_at, updated_at) VALUES ({number}, '{sub_id}',"
+            f" 'msg_{number}', 'generation.completed', '{status}', 0, '{now}', '{now}', '{now}')"
+        )
+    sync_execute(empty_url, statements)
+
+    migrate.upgrade(empty_url)
+    assert "ix_deliveries_host_due" in index_names(empty_url, "deliveries")
+    hosts = sync_rows(empty_url, "SELECT id, host FROM deliveries ORDER BY id")
+    assert hosts == [(1, "hooks.example.com:443"), (2, "93.184.216.34:8080"), (3, None)]
+
+    migrate.downgrade(empty_url, "0001")
+    assert "ix_deliveries_host_due" not in index_names(empty_url, "deliveries")
+    assert sync_count(empty_url, "SELECT count(*) FROM deliveries") == 3
+    migrate.upgrade(empty_url)
+    command.check(migrate.alembic_config(empty_url))
+
+
+def sync_execute(url: str, statements: list[str]) -> None:
+    async def run() -> None:
+        engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with engine.begin() as conn:
+                for statement in statements:
+                    await conn.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def sync_rows(url: str, query: str) -> list[tuple[Any, ...]]:
+    async def run() -> list[tuple[Any, ...]]:
+        engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with engine.connect() as conn:
+                return [tuple(row) for row in await conn.execute(text(query))]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
 
 
 def test_upgrade_at_head_is_a_no_op(empty_url: str) -> None:
