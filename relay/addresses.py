@@ -101,13 +101,14 @@ _NAT64 = IPv6Network("64:ff9b::/96")
 
 
 def receiver_host(url: str) -> str:
-    """The receiver a callback URL points at, "hostname:port": the unit of per-host limits."""
-    parts = urlsplit(url)
+    """The receiver a callback URL points at, "host:port", the unit of per-host limits: the
+    host as aiohttp's connection pool keys it (yarl's raw_host: IDNA-encoded, lowercased,
+    IPv6 compressed), so one pool is never counted as two hosts."""
     try:
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
-    except ValueError:  # not a port: such a URL was refused at subscription time anyway
-        port = 0
-    return f"{(parts.hostname or '').lower()}:{port}"
+        parsed = yarl.URL(url)
+        return f"{parsed.raw_host or ''}:{parsed.port or 0}"
+    except ValueError:  # such a URL was refused at subscription time anyway
+        return f"{urlsplit(url).hostname or ''}:0"
 
 
 def is_blocked_ip(ip: IPAddress) -> bool:

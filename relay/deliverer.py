@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 EXCERPT_BYTES = 2048
 CLAIM_BATCH_MAX = 200
-DEFER_S = 1.0
+DEFER_MIN_S = 0.1
+DEFER_MAX_S = 60.0
 USER_AGENT = f"relay/{__version__}"
 
 
@@ -216,17 +217,18 @@ class Deliverer(Drainer):
     def _defer_s(self, host: str) -> float:
         """How long to give a saturated host's deliveries back for: about the time its queue
         here takes to drain, so a slow receiver's backlog does not come back to the front
-        of the table every second ahead of healthy receivers."""
+        of the table every second ahead of healthy receivers, while a fast receiver's comes
+        back in a moment. A host that hangs has finished nothing to average: it has taken at
+        least as long as it has been at its limit, so its delay doubles each time it comes
+        back still stuck."""
         per_host = self._settings.delivery_per_host
         queued = self._per_host[host] + len(self._waiting[host])
-        latency_s = self._host_latency_s.get(host, 1.0)
+        latency_s = self._host_latency_s.get(host, 0.0)
         saturated_since = self._host_saturated_since.get(host)
         if saturated_since is not None:
-            # A host that hangs has finished nothing to average yet: it has taken at least
-            # as long as it has been at its limit.
             latency_s = max(latency_s, time.monotonic() - saturated_since)
         drain_s = queued / per_host * latency_s
-        return min(max(DEFER_S, drain_s), 60.0) * (0.8 + 0.4 * self._rand())
+        return min(max(DEFER_MIN_S, drain_s), DEFER_MAX_S) * (0.8 + 0.4 * self._rand())
 
     def _start(self, delivery: store.ClaimedDelivery, host: str) -> None:
         self._per_host[host] += 1
@@ -335,7 +337,7 @@ class Deliverer(Drainer):
         self._waiting_count = 0
         self._held.difference_update(waiting)
         if waiting:
-            await store.defer_deliveries(self._db, self._owner, dict.fromkeys(waiting, 0.0))
+            await store.release_deliveries(self._db, self._owner, waiting)
         tasks = list(self._in_flight.values())
         if tasks:
             await asyncio.wait(tasks, timeout=self._settings.delivery_timeout_s + 1)

@@ -919,42 +919,43 @@ async def renew_delivery_leases(
         )
 
 
-async def defer_deliveries(db: Database, owner: str, delays_s: Mapping[int, float]) -> None:
-    """Give leased deliveries back unattempted, each due again after its delay in seconds
-    (its host is at capacity). One transaction for all of them."""
-    if not delays_s:
+async def release_deliveries(db: Database, owner: str, ids: Sequence[int]) -> None:
+    """Give deliveries this owner leased back unattempted, due now (the deliverer is closing
+    and had them waiting for their host)."""
+    if not ids:
         return
     now = db.now()
-    statement = (
-        update(deliveries)
-        .where(deliveries.c.id == bindparam("b_id"), deliveries.c.lease_owner == owner)
-        .values(
-            next_attempt_at=bindparam("b_until", type_=deliveries.c.next_attempt_at.type),
-            lease_owner=None,
-        )
-    )
-    rows = [
-        {"b_id": delivery_id, "b_until": now + timedelta(seconds=delay_s)}
-        for delivery_id, delay_s in delays_s.items()
-    ]
     async with db.transaction() as conn:
-        await conn.execute(statement, rows)
+        await conn.execute(
+            update(deliveries)
+            .where(
+                _any_of(deliveries.c.id, ids, db.is_postgres),
+                deliveries.c.lease_owner == owner,
+                deliveries.c.status == "pending",
+            )
+            .values(next_attempt_at=now, lease_owner=None)
+        )
+
+
+HOST_DEFER_BATCH = 1000  # bounds one deferral's UPDATE, however large the host's backlog
 
 
 @dataclass(frozen=True)
 class HostDeferral:
     """A host at its limit: the deliveries claimed for it beyond the limit, and for how long
-    to give them, and every other delivery of the host that is due, back."""
+    to give them, and the host's other due deliveries, back."""
 
     claimed_ids: Sequence[int]
     delay_s: float
 
 
 async def defer_hosts(db: Database, owner: str, hosts: Mapping[str, HostDeferral]) -> int:
-    """Push each host's due deliveries back by its delay, with the ones this owner claimed for
-    it; deliveries leased (being sent) by anyone are not touched. One statement per host, so a
-    receiver that hangs with a large backlog costs one UPDATE per deferral instead of a claim
-    and a deferral per delivery. Returns how many deliveries were deferred."""
+    """Push back, by each host's delay, the deliveries this owner claimed for it and up to
+    HOST_DEFER_BATCH of its other due deliveries that nobody holds (earliest first). A lease,
+    even one that ran out while its holder is still sending, is never taken: only the claimed
+    ids (this owner's) and unleased rows change. A receiver that hangs with a large backlog
+    thus costs two statements per deferral instead of a claim and a deferral per delivery.
+    Returns how many deliveries were deferred."""
     if not hosts:
         return 0
 
@@ -977,17 +978,29 @@ async def _defer_host(
     deferral: HostDeferral,
     now: datetime,
 ) -> int:
+    backlog = (
+        select(deliveries.c.id)
+        .where(
+            deliveries.c.host == host,
+            deliveries.c.status == "pending",
+            deliveries.c.next_attempt_at <= now,
+            deliveries.c.lease_owner.is_(None),
+        )
+        .order_by(deliveries.c.next_attempt_at)
+        .limit(HOST_DEFER_BATCH)
+        .with_for_update(skip_locked=True)
+    )
+    unleased = list((await conn.execute(backlog)).scalars())
+    # By id, not by host: a claimed delivery written without a host (an older node's) is
+    # given back too.
     mine = and_(
         _any_of(deliveries.c.id, deferral.claimed_ids, postgres),
         deliveries.c.lease_owner == owner,
     )
+    free = and_(_any_of(deliveries.c.id, unleased, postgres), deliveries.c.lease_owner.is_(None))
     result = await conn.execute(
         update(deliveries)
-        .where(
-            deliveries.c.host == host,
-            deliveries.c.status == "pending",
-            or_(deliveries.c.next_attempt_at <= now, mine),
-        )
+        .where(deliveries.c.status == "pending", or_(mine, free))
         .values(next_attempt_at=now + timedelta(seconds=deferral.delay_s), lease_owner=None)
     )
     return int(result.rowcount)

@@ -605,6 +605,10 @@ async def test_session_in_allow_mode_reaches_the_local_server(local_port: int) -
         ("https://user:pw@hooks.example.com/a", "hooks.example.com:443"),
         ("http://[2606:4700::1111]:8080/a", "2606:4700::1111:8080"),
         ("http://93.184.216.34/a", "93.184.216.34:80"),
+        # The same host as aiohttp's pool sees it, whatever the spelling.
+        ("http://[0:0::1]/", "::1:80"),
+        ("http://\uff45xample.com/", "example.com:80"),  # fullwidth e
+        ("http://B\u00fccher.example/", "xn--bcher-kva.example:80"),
         ("https://hooks.example.com:99999/a", "hooks.example.com:0"),  # never raises
     ],
 )

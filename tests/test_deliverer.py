@@ -485,13 +485,15 @@ async def test_retry_exhaustion_fails_with_every_attempt_recorded(
 async def test_a_hanging_receiver_does_not_delay_a_healthy_one(
     db_url: str, fake_upstream: tuple[FakeUpstream, str], receiver: Receiver
 ) -> None:
-    """Callbacks to a healthy host arrive promptly while another host hangs until the timeout."""
+    """Callbacks to a healthy host arrive promptly while another host hangs until the timeout;
+    the hanging host gets no more than its per-host limit at once (4 here: 4 more wait here,
+    the other 12 are deferred to the table)."""
     sim, upstream_url = fake_upstream
     key = await new_key(db_url)
     gen = pending_generation(sim, "gen_fair")
     count = 20
     receiver.responses["/hang"] = [(200, {}, 4.0)]  # past the 3 s timeout
-    settings = fast_settings(db_url, upstream_url, delivery_timeout_s=3.0)
+    settings = fast_settings(db_url, upstream_url, delivery_timeout_s=3.0, delivery_per_host=4)
     with serve_receiver() as healthy:
         async with running_relay(settings, key) as client:
             for i in range(count):
@@ -507,88 +509,26 @@ async def test_a_hanging_receiver_does_not_delay_a_healthy_one(
     print(f"healthy receiver: all {count} callbacks {spread_s:.2f} s after the generation ended")
     # Well under the 3 s timeout that the hanging host holds its callbacks for.
     assert spread_s < 2.0, f"healthy callbacks took {spread_s:.2f} s"
-    # The hang was real: the other host held callbacks in flight at the same time.
+    # The hang was real: the other host held callbacks in flight at the same time, as many
+    # as its limit and no more.
     assert hanging and min(c.at for c in hanging) < arrivals[-1]
+    assert len(hanging) == 4
     assert len({c.headers["relay-subscription-id"] for c in healthy.on("/ok")}) == count
     for callback in healthy.on("/ok"):
         verified(callback, key)
 
 
-async def test_deferring_a_saturated_hosts_deliveries_hands_them_back_in_one_go(
-    db: Database,
-) -> None:
-    """Deliveries claimed for a host already at its limit go back to the table, each due after
-    its own delay and free for any node; a lease another node holds is not touched."""
-    key = await store.create_key(db, "defer")
+async def _final_deliveries(db: Database, urls: list[str], tag: str) -> list[int]:
+    """One subscription per URL to its own generation, already final: one pending delivery
+    each (queued at once, a late registration). Returns the delivery ids, in `urls` order."""
+    key = await store.create_key(db, tag)
     now = db.now()
     async with db.transaction() as conn:
         await conn.execute(
             insert(generations),
             [
                 {
-                    "id": f"gen_defer_{i}",
-                    "state": "final",
-                    "status": "COMPLETED",
-                    "result": "{}",
-                    "first_subscribed_at": now,
-                    "final_at": now,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for i in range(5)
-            ],
-        )
-    key_hash = store.hash_api_key(key.api_key)
-    requests = [
-        store.CreateRequest(key_hash, f"gen_defer_{i}", f"https://93.184.216.34/{i}", None)
-        for i in range(5)
-    ]
-    await store.create_subscriptions(db, requests)
-    mine = await store.claim_due_deliveries(db, "node-a", 3, lease_s=30)
-    theirs = await store.claim_due_deliveries(db, "node-b", 5, lease_s=30)
-    assert len(mine) == 3 and len(theirs) == 2
-
-    delays = {mine[0].id: 0.0, mine[1].id: 100.0, mine[2].id: 200.0, theirs[0].id: 0.0}
-    await store.defer_deliveries(db, "node-a", delays)
-
-    async with db.reader() as conn:
-        rows = {
-            row.id: row
-            for row in await conn.execute(
-                select(deliveries.c.id, deliveries.c.next_attempt_at, deliveries.c.lease_owner)
-            )
-        }
-    for delivery in mine:
-        assert rows[delivery.id].lease_owner is None
-    due_in_s = {d.id: (rows[d.id].next_attempt_at - now).total_seconds() for d in mine}
-    assert due_in_s[mine[0].id] < 5
-    assert 95 < due_in_s[mine[1].id] < 105
-    assert 195 < due_in_s[mine[2].id] < 205
-    # node-b's lease stands: same owner, still ~30 s out.
-    assert rows[theirs[0].id].lease_owner == "node-b"
-    assert (rows[theirs[0].id].next_attempt_at - now).total_seconds() > 25
-    # What came back due is claimable again; what was pushed out is not.
-    again = await store.claim_due_deliveries(db, "node-c", 5, lease_s=30)
-    assert [d.id for d in again] == [mine[0].id]
-
-
-async def test_a_saturated_host_has_its_due_backlog_deferred_in_one_statement(
-    db: Database,
-) -> None:
-    """defer_hosts gives back what this node claimed beyond the host's limit and every other
-    due delivery of that host; deliveries of other hosts and leases held by anyone (being sent)
-    are not touched."""
-    key = await store.create_key(db, "defer-hosts")
-    now = db.now()
-    urls = [f"https://93.184.216.34/{i}" for i in range(6)] + [
-        f"https://93.184.216.35/{i}" for i in range(2)
-    ]
-    async with db.transaction() as conn:
-        await conn.execute(
-            insert(generations),
-            [
-                {
-                    "id": f"gen_dh_{i}",
+                    "id": f"gen_{tag}_{i}",
                     "state": "final",
                     "status": "COMPLETED",
                     "result": "{}",
@@ -603,55 +543,123 @@ async def test_a_saturated_host_has_its_due_backlog_deferred_in_one_statement(
     key_hash = store.hash_api_key(key.api_key)
     await store.create_subscriptions(
         db,
-        [store.CreateRequest(key_hash, f"gen_dh_{i}", url, None) for i, url in enumerate(urls)],
+        [store.CreateRequest(key_hash, f"gen_{tag}_{i}", url, None) for i, url in enumerate(urls)],
     )
     async with db.reader() as conn:
-        by_url = dict(
+        by_generation = dict(
             (
                 await conn.execute(
-                    select(subscriptions.c.callback_url, deliveries.c.id).join(
+                    select(subscriptions.c.generation_id, deliveries.c.id).join(
                         deliveries, deliveries.c.subscription_id == subscriptions.c.id
                     )
                 )
             ).all()
         )
-    slow = [by_url[url] for url in urls[:6]]
-    other = [by_url[url] for url in urls[6:]]
-    # node-a sends slow[0] and has claimed slow[1] beyond the limit; node-b sends slow[2].
-    async with db.transaction() as conn:
-        for delivery_id, owner in ((slow[0], "node-a"), (slow[1], "node-a"), (slow[2], "node-b")):
-            await conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery_id)
-                .values(lease_owner=owner, next_attempt_at=now + timedelta(seconds=30))
-            )
+    return [by_generation[f"gen_{tag}_{i}"] for i in range(len(urls))]
 
-    deferred = await store.defer_hosts(
-        db, "node-a", {"93.184.216.34:443": store.HostDeferral([slow[1]], 100.0)}
-    )
 
+async def _delivery_rows(db: Database) -> dict[int, Any]:
     async with db.reader() as conn:
-        rows = {
+        return {
             row.id: row
             for row in await conn.execute(
-                select(deliveries.c.id, deliveries.c.next_attempt_at, deliveries.c.lease_owner)
+                select(
+                    deliveries.c.id,
+                    deliveries.c.next_attempt_at,
+                    deliveries.c.lease_owner,
+                    deliveries.c.host,
+                )
             )
         }
+
+
+async def _lease(db: Database, delivery_id: int, owner: str, until_s: float) -> None:
+    async with db.transaction() as conn:
+        await conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id == delivery_id)
+            .values(lease_owner=owner, next_attempt_at=db.now() + timedelta(seconds=until_s))
+        )
+
+
+async def test_releasing_waiting_deliveries_makes_them_due_for_anyone(db: Database) -> None:
+    """On close, deliveries waiting for their host go back due now; a lease another node holds
+    is not touched."""
+    ids = await _final_deliveries(db, [f"https://93.184.216.34/{i}" for i in range(3)], "rel")
+    mine = await store.claim_due_deliveries(db, "node-a", 2, lease_s=30)
+    theirs = await store.claim_due_deliveries(db, "node-b", 5, lease_s=30)
+    assert sorted([*(d.id for d in mine), *(d.id for d in theirs)]) == sorted(ids)
+
+    await store.release_deliveries(db, "node-a", [d.id for d in [*mine, *theirs]])
+
+    rows = await _delivery_rows(db)
+    for delivery in mine:
+        assert rows[delivery.id].lease_owner is None
+    assert rows[theirs[0].id].lease_owner == "node-b"
+    again = await store.claim_due_deliveries(db, "node-c", 5, lease_s=30)
+    assert sorted(d.id for d in again) == sorted(d.id for d in mine)
+
+
+async def test_a_saturated_host_has_its_due_backlog_deferred_with_the_surplus(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """defer_hosts gives back what this node claimed beyond the host's limit (even a delivery
+    written without a host) and the host's other due, unleased deliveries, earliest first and
+    at most HOST_DEFER_BATCH of them; other hosts, and leases held by anyone (even run out,
+    their holder may still be sending), are not touched."""
+    monkeypatch.setattr(store, "HOST_DEFER_BATCH", 3)
+    slow_urls = [f"https://93.184.216.34/{i}" for i in range(8)]
+    other_urls = [f"https://93.184.216.35/{i}" for i in range(2)]
+    ids = await _final_deliveries(db, slow_urls + other_urls, "dh")
+    slow, other = ids[:8], ids[8:]
+    now = db.now()
+    await _lease(db, slow[0], "node-a", 30)  # node-a is sending it
+    await _lease(db, slow[1], "node-a", 30)  # claimed by node-a beyond the limit
+    await _lease(db, slow[2], "node-b", 30)  # node-b is sending it
+    await _lease(db, slow[3], "node-a", -5)  # node-a's lease ran out; still sending
+    await _lease(db, slow[4], "node-a", 30)  # claimed beyond the limit, written with no host
+    async with db.transaction() as conn:
+        await conn.execute(update(deliveries).where(deliveries.c.id == slow[4]).values(host=None))
+    # slow[5:8] are due and unleased: three of them, and the batch is three.
+    deferred = await store.defer_hosts(
+        db, "node-a", {"93.184.216.34:443": store.HostDeferral([slow[1], slow[4]], 100.0)}
+    )
+
+    rows = await _delivery_rows(db)
 
     def due_in_s(delivery_id: int) -> float:
         return float((rows[delivery_id].next_attempt_at - now).total_seconds())
 
-    assert deferred == 4  # slow[1] and the three due, unleased ones
-    for delivery_id in (slow[1], *slow[3:]):
-        assert 95 < due_in_s(delivery_id) < 105
+    assert deferred == 5
+    for delivery_id in (slow[1], slow[4], *slow[5:8]):
+        assert 95 < due_in_s(delivery_id) < 105, delivery_id
         assert rows[delivery_id].lease_owner is None
     assert rows[slow[0]].lease_owner == "node-a" and 25 < due_in_s(slow[0]) < 35
     assert rows[slow[2]].lease_owner == "node-b" and 25 < due_in_s(slow[2]) < 35
+    assert rows[slow[3]].lease_owner == "node-a" and due_in_s(slow[3]) < 0
+    assert {rows[i].host for i in slow[5:]} == {"93.184.216.34:443"}
     for delivery_id in other:
         assert due_in_s(delivery_id) < 5  # due since they were written
-    claimed = await store.claim_due_deliveries(db, "node-c", 10, lease_s=30)
-    assert sorted(d.id for d in claimed) == sorted(other)
-    assert {d.host for d in claimed} == {"93.184.216.35:443"}
+        assert rows[delivery_id].lease_owner is None
+
+    # With a batch smaller than the backlog, the earliest due go first.
+    await _lease(db, slow[5], "node-a", 30)
+    ids_more = await _final_deliveries(db, [f"https://93.184.216.34/m{i}" for i in range(4)], "dm")
+    async with db.transaction() as conn:
+        for age_s, delivery_id in enumerate(ids_more, start=1):  # the last is the earliest
+            await conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id)
+                .values(next_attempt_at=db.now() - timedelta(seconds=age_s))
+            )
+    monkeypatch.setattr(store, "HOST_DEFER_BATCH", 2)
+    deferred = await store.defer_hosts(
+        db, "node-a", {"93.184.216.34:443": store.HostDeferral([slow[5]], 100.0)}
+    )
+    rows = await _delivery_rows(db)
+    assert deferred == 3
+    pushed = [i for i in ids_more if rows[i].next_attempt_at > db.now() + timedelta(seconds=50)]
+    assert sorted(pushed) == sorted(ids_more[2:])
 
 
 # --- Private addresses at delivery -------------------------------------------------------------
