@@ -3,8 +3,10 @@
 A backlog of N subscriptions to generations already final (written through relay's own store,
 so each gets its delivery queued as a late registration), then one `relay serve --role
 worker` process drains it into a receiver process reached as ten different hosts
-(127.0.0.1-10). Run twice: every receiver fast; then one host in ten hanging until the
-delivery timeout. The rate is measured at the receiver, on the fast hosts only.
+(127.0.0.1-10). Run three times: every receiver fast; then one host in ten hanging until the
+delivery timeout (10% of the backlog is for it); then the same host holding half the backlog,
+which shows what a dead receiver's large backlog costs the others. The rate is measured at
+the receiver, on the fast hosts only.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ BODY = {
 }
 
 
-async def make_backlog(url: str, count: int, receiver_port: int, hanging: bool, tag: str) -> int:
-    """Queue `count` deliveries; returns how many go to fast hosts."""
+async def make_backlog(
+    url: str, count: int, receiver_port: int, hanging_share: float, tag: str
+) -> int:
+    """Queue `count` deliveries, interleaved; `hanging_share` of them go to host 10, which
+    hangs (with none, all ten hosts are fast). Returns how many go to fast hosts."""
     db = open_database(url)
     key = await store.create_key(db, f"delivery-{tag}")
     now = datetime.now(UTC)
@@ -64,9 +69,11 @@ async def make_backlog(url: str, count: int, receiver_port: int, hanging: bool, 
     key_hash = store.hash_api_key(key.api_key)
     fast = 0
     requests = []
+    hanging_per_100 = round(hanging_share * 100)
+    fast_hosts = HOSTS - 1 if hanging_per_100 else HOSTS
     for i in range(count):
-        host = 1 + i % HOSTS
-        hang = hanging and host == HOSTS
+        hang = i % 100 < hanging_per_100
+        host = HOSTS if hang else 1 + i % fast_hosts
         fast += not hang
         callback = f"http://127.0.0.{host}:{receiver_port}/{'hang' if hang else 'ok'}/{i}"
         requests.append(store.CreateRequest(key_hash, f"gen_{tag}_{i}", callback, None))
@@ -76,14 +83,16 @@ async def make_backlog(url: str, count: int, receiver_port: int, hanging: bool, 
     return fast
 
 
-def _drain(results: Results, database: str, workdir: Path, count: int, hanging: bool) -> float:
+def _drain(
+    results: Results, database: str, workdir: Path, count: int, hanging_share: float
+) -> float:
     url = new_database(database, workdir)
-    label = "10% hanging" if hanging else "all fast"
+    label = f"{hanging_share:.0%} to a hanging host" if hanging_share else "all fast"
     try:
-        with cluster(workdir / f"delivery-{database}-{int(hanging)}") as c:
+        with cluster(workdir / f"delivery-{database}-{hanging_share}") as c:
             receiver = c.receiver(host="0.0.0.0")
             port = int(receiver.url.rsplit(":", 1)[1])
-            fast = asyncio.run(make_backlog(url, count, port, hanging, "d"))
+            fast = asyncio.run(make_backlog(url, count, port, hanging_share, "d"))
             env = {
                 "RELAY_DATABASE_URL": url,
                 "RELAY_UPSTREAM_API_KEY": "unused",
@@ -127,13 +136,14 @@ def _drain(results: Results, database: str, workdir: Path, count: int, hanging: 
 
 def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
     count = 3000 if quick else 20000
-    fast_rate = _drain(results, database, workdir, count, hanging=False)
-    hanging_rate = _drain(results, database, workdir, count, hanging=True)
-    if fast_rate:
-        results.add(
-            "delivery",
-            database,
-            "rate with 10% hanging / rate all fast",
-            f"{hanging_rate / fast_rate:.0%}",
-            "hanging host answers nothing until RELAY_DELIVERY_TIMEOUT (15 s)",
-        )
+    fast_rate = _drain(results, database, workdir, count, hanging_share=0.0)
+    for share in (0.1, 0.5):
+        hanging_rate = _drain(results, database, workdir, count, hanging_share=share)
+        if fast_rate:
+            results.add(
+                "delivery",
+                database,
+                f"rate with {share:.0%} to a hanging host / all fast",
+                f"{hanging_rate / fast_rate:.0%}",
+                "the hanging host answers nothing until RELAY_DELIVERY_TIMEOUT (15 s)",
+            )
