@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from relay import store
@@ -450,11 +450,27 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        # RFC 9110: a 405 carries Allow; Starlette puts it on the exception.
+        # RFC 9110: a 405 carries Allow, every method of the path. Starlette's names only
+        # the first route of the path, and each method here has a route of its own.
+        allow = ", ".join(sorted(_methods_of_path(request))) or (exc.headers or {}).get("allow")
         return error_response(
-            ApiError(405, "method_not_allowed", "method not allowed here", headers=exc.headers)
+            ApiError(
+                405,
+                "method_not_allowed",
+                "method not allowed here",
+                headers={"allow": allow} if allow else None,
+            )
         )
     return error_response(ApiError(404, "not_found", "no such route"))
+
+
+def _methods_of_path(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in ROUTES:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE and route.methods:
+            methods |= route.methods
+    return methods
 
 
 async def handle_database_error(request: Request, exc: Exception) -> Response:

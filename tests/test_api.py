@@ -759,6 +759,26 @@ async def test_bad_input_gets_the_contract_status_and_code(
         assert response.headers.get("allow"), "a 405 names the allowed methods"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", SUBS, {"GET", "HEAD", "POST"}),
+        ("PATCH", "/v1/subscriptions/sub_x", {"GET", "HEAD", "DELETE"}),
+        ("GET", "/v1/subscriptions/sub_x/redeliver", {"POST"}),
+        ("POST", "/healthz", {"GET", "HEAD"}),
+    ],
+)
+async def test_a_405_allows_every_method_of_the_path(
+    method: str, path: str, allowed: set[str], api: Api, served: Served
+) -> None:
+    """Allow names every method the path answers, not only those of its first route."""
+    response = await api.request(
+        method, path, headers={"authorization": f"Bearer {served.api_key}"}
+    )
+    assert response.status_code == 405, response.text
+    assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
+
+
 async def test_refused_creates_create_nothing(api: Api, served: Served, key: str) -> None:
     """None of the table's refused creates leaves a subscription behind."""
     values = {"key": key, "revoked": served.revoked_api_key, "other_sub": served.other_sub_id}
