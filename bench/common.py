@@ -48,7 +48,7 @@ def new_database(kind: str, workdir: Path) -> str:
         url = f"sqlite+aiosqlite:///{path}"
     else:
         name = f"relay_bench_{uuid.uuid4().hex[:10]}"
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+        pg_admin(f'CREATE DATABASE "{name}"')
         url = (
             PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
             + f"/{name}"
@@ -65,17 +65,22 @@ def new_database(kind: str, workdir: Path) -> str:
 def drop_database(url: str) -> None:
     if url.startswith("postgresql"):
         name = url.rsplit("/", 1)[1]
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-async def _admin(sql: str) -> None:
-    import asyncpg
+def pg_admin(sql: str, admin_url: str = PG_ADMIN_URL) -> None:
+    """Run one statement (CREATE/DROP DATABASE) on the PostgreSQL admin connection."""
 
-    conn = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    async def run() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
 
 
 def machine() -> str:

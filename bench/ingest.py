@@ -24,7 +24,6 @@ from bench.common import Results, drop_database, new_database
 from bench.harness import ROOT, cluster, create_key
 
 CONCURRENCIES = (32, 64, 128)
-Driver = Callable[[str, list[str], int, int], dict[str, float]]
 
 
 def _wrk(url: str, keys: list[str], concurrency: int, duration_s: int) -> dict[str, float]:
@@ -88,26 +87,52 @@ def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
     concurrencies = CONCURRENCIES[:2] if quick else CONCURRENCIES
     driver = _wrk if shutil.which("wrk") else _loadgen
     tool = "wrk" if driver is _wrk else "aiohttp loadgen"
-    relay_rates = _relay(results, database, workdir, driver, tool, concurrencies, duration_s)
-    bare_rates = _bare(results, database, workdir, driver, concurrencies, duration_s)
+
+    def load(url: str, keys: list[str]) -> dict[int, dict[str, float]]:
+        return {c: driver(url, keys, c, duration_s) for c in concurrencies}
+
+    relay = _relay_figures(database, workdir, load)
+    bare = _bare_figures(database, workdir, load)
     for concurrency in concurrencies:
-        if bare_rates.get(concurrency):
-            ratio = relay_rates[concurrency] / bare_rates[concurrency]
+        figures = relay[concurrency]
+        results.add(
+            "ingest",
+            database,
+            f"subscriptions/s (c={concurrency})",
+            f"{figures['rate']:.0f}",
+            _noted(f"{tool}, {concurrency} connections, {duration_s} s", figures),
+        )
+        results.add(
+            "ingest",
+            database,
+            f"latency p50 / p99 ms (c={concurrency})",
+            f"{figures['p50_ms']:.1f} / {figures['p99_ms']:.1f}",
+        )
+    for concurrency in concurrencies:
+        results.add(
+            "ingest",
+            database,
+            f"bare handler requests/s (c={concurrency})",
+            f"{bare[concurrency]['rate']:.0f}",
+            _noted("one insert per request, no checks", bare[concurrency]),
+        )
+    for concurrency in concurrencies:
+        if bare[concurrency]["rate"]:
+            ratio = relay[concurrency]["rate"] / bare[concurrency]["rate"]
             results.add(
                 "ingest", database, f"relay / bare handler (c={concurrency})", f"{ratio:.2f}x"
             )
 
 
-def _relay(
-    results: Results,
-    database: str,
-    workdir: Path,
-    driver: Driver,
-    tool: str,
-    concurrencies: tuple[int, ...],
-    duration_s: int,
-) -> dict[int, float]:
-    rates: dict[int, float] = {}
+def _noted(note: str, figures: dict[str, float]) -> str:
+    return f"{note}, {figures['errors']:.0f} errors" if figures["errors"] else note
+
+
+Load = Callable[[str, list[str]], dict[int, dict[str, float]]]
+
+
+def _relay_figures(database: str, workdir: Path, load: Load) -> dict[int, dict[str, float]]:
+    """One `relay serve --role api` on a new database, 8 client keys."""
     url = new_database(database, workdir)
     try:
         keys = [create_key(url, f"ingest-{i}")["api_key"] for i in range(8)]
@@ -115,57 +140,16 @@ def _relay(
             node = c.relay(
                 "relay", {"RELAY_DATABASE_URL": url, "RELAY_LOG_LEVEL": "WARNING"}, role="api"
             ).start()
-            for concurrency in concurrencies:
-                figures = driver(node.url, keys, concurrency, duration_s)
-                rates[concurrency] = figures["rate"]
-                note = f"{tool}, {concurrency} connections, {duration_s} s"
-                if figures["errors"]:
-                    note += f", {figures['errors']:.0f} errors"
-                results.add(
-                    "ingest",
-                    database,
-                    f"subscriptions/s (c={concurrency})",
-                    f"{figures['rate']:.0f}",
-                    note,
-                )
-                results.add(
-                    "ingest",
-                    database,
-                    f"latency p50 / p99 ms (c={concurrency})",
-                    f"{figures['p50_ms']:.1f} / {figures['p99_ms']:.1f}",
-                )
+            return load(node.url, keys)
     finally:
         drop_database(url)
-    return rates
 
 
-def _bare(
-    results: Results,
-    database: str,
-    workdir: Path,
-    driver: Driver,
-    concurrencies: tuple[int, ...],
-    duration_s: int,
-) -> dict[int, float]:
+def _bare_figures(database: str, workdir: Path, load: Load) -> dict[int, dict[str, float]]:
     """The same load on the bare one-insert-per-request handler, on its own new database."""
-    rates: dict[int, float] = {}
     url = new_database(database, workdir)
     try:
         with cluster(workdir / f"ingest-bare-{database}") as c:
-            node = c.bare_ingest(url)
-            for concurrency in concurrencies:
-                figures = driver(node.url, ["unused"], concurrency, duration_s)
-                rates[concurrency] = figures["rate"]
-                note = "one insert per request, no checks"
-                if figures["errors"]:
-                    note += f", {figures['errors']:.0f} errors"
-                results.add(
-                    "ingest",
-                    database,
-                    f"bare handler requests/s (c={concurrency})",
-                    f"{figures['rate']:.0f}",
-                    note,
-                )
+            return load(c.bare_ingest(url).url, ["unused"])
     finally:
         drop_database(url)
-    return rates

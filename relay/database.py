@@ -104,8 +104,8 @@ def open_database(url: str, *, pool_size: int = 10) -> Database:
         # asyncpg prepares every statement once per connection, and after five runs
         # PostgreSQL may switch a prepared statement to a generic plan made without its
         # parameters' values. For the relay's tables, which go from empty to a backlog of
-        # 100,000 rows and back, that plan can be a sequential scan: the create batch ran at
-        # half speed on it. Planning with the values costs a fraction of a millisecond.
+        # 100,000 rows and back, such a plan can be far off (the create batch slowed down
+        # markedly on one: docs/benchmarks.md). Planning with the values costs under 1 ms.
         connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
     )
     return Database(url=url, read=engine, write=engine)

@@ -15,6 +15,7 @@ that stopped polling: create and cancel both lock the generation row first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
@@ -104,18 +105,11 @@ def _any_of(column: KeyedColumnElement[Any], values: Sequence[Any], postgres: bo
     return column.in_(values)
 
 
-_UNNEST_INSERTS: dict[tuple[str, tuple[str, ...]], Insert] = {}
-
-
+@functools.cache
 def _unnest_insert(table: Table, names: tuple[str, ...]) -> Insert:
-    key = (table.name, names)
-    statement = _UNNEST_INSERTS.get(key)
-    if statement is None:
-        arrays = [bindparam(f"u_{name}", type_=ARRAY(table.c[name].type)) for name in names]
-        source = func.unnest(*arrays).table_valued(*names).render_derived()
-        statement = insert(table).from_select(names, select(*[source.c[n] for n in names]))
-        _UNNEST_INSERTS[key] = statement
-    return statement
+    arrays = [bindparam(f"u_{name}", type_=ARRAY(table.c[name].type)) for name in names]
+    source = func.unnest(*arrays).table_valued(*names).render_derived()
+    return insert(table).from_select(names, select(*[source.c[n] for n in names]))
 
 
 async def _insert_rows(
@@ -714,7 +708,7 @@ async def renew_generation_leases(
     held = (
         select(generations.c.id)
         .where(
-            generations.c.id.in_(ids),
+            _any_of(generations.c.id, ids, db.is_postgres),
             generations.c.lease_owner == owner,
             generations.c.state == "polling",
         )
@@ -905,7 +899,7 @@ async def renew_delivery_leases(
     held = (
         select(deliveries.c.id)
         .where(
-            deliveries.c.id.in_(ids),
+            _any_of(deliveries.c.id, ids, db.is_postgres),
             deliveries.c.lease_owner == owner,
             deliveries.c.status == "pending",
         )
@@ -1052,7 +1046,7 @@ async def _record_attempts_once(db: Database, owner: str, records: Sequence[Atte
         # Which leases are still ours (locked, so no node can take one before we update it).
         ids = [r.delivery_id for r in records]
         held_query = select(deliveries.c.id).where(
-            deliveries.c.id.in_(ids),
+            _any_of(deliveries.c.id, ids, db.is_postgres),
             deliveries.c.lease_owner == owner,
             deliveries.c.status == "pending",
         )
@@ -1208,13 +1202,19 @@ async def prune(db: Database, older_than_s: float, batch: int = 500) -> int:
             )
             if ids:
                 await conn.execute(
-                    delete(delivery_attempts).where(delivery_attempts.c.subscription_id.in_(ids))
+                    delete(delivery_attempts).where(
+                        _any_of(delivery_attempts.c.subscription_id, ids, db.is_postgres)
+                    )
                 )
-                await conn.execute(delete(deliveries).where(deliveries.c.subscription_id.in_(ids)))
+                await conn.execute(
+                    delete(deliveries).where(
+                        _any_of(deliveries.c.subscription_id, ids, db.is_postgres)
+                    )
+                )
                 # Re-checked here: a redelivery may have made one active since the select.
                 await conn.execute(
                     delete(subscriptions).where(
-                        subscriptions.c.id.in_(ids),
+                        _any_of(subscriptions.c.id, ids, db.is_postgres),
                         subscriptions.c.status != "active",
                         subscriptions.c.updated_at < cutoff,
                     )
@@ -1233,7 +1233,11 @@ async def prune(db: Database, older_than_s: float, batch: int = 500) -> int:
                 )
                 gen_ids = (await conn.execute(orphaned)).scalars().all()
                 if gen_ids:
-                    await conn.execute(delete(generations).where(generations.c.id.in_(gen_ids)))
+                    await conn.execute(
+                        delete(generations).where(
+                            _any_of(generations.c.id, gen_ids, db.is_postgres)
+                        )
+                    )
         total += len(ids)
         if not ids and not gen_ids:
             return total

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bench.common import pg_admin
 from relay import migrate, store
 from relay.config import Settings
 from relay.database import Database, open_database
@@ -56,23 +57,13 @@ def _async_pg_url(database: str) -> str:
 def create_pg_database() -> str:
     """A new empty PostgreSQL database; returns its async URL."""
     name = f"relay_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    pg_admin(f'CREATE DATABASE "{name}"', PG_ADMIN_URL)
     return _async_pg_url(name)
 
 
 def drop_pg_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', PG_ADMIN_URL)
 
 
 @pytest.fixture(scope="session")

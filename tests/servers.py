@@ -1,15 +1,24 @@
-"""Real servers on loopback for tests: any ASGI app under uvicorn in a thread, on port 0."""
+"""Real servers on loopback for tests: any ASGI app under uvicorn in a thread, on port 0;
+and `relay serve` as a real process, for the crash tests that SIGKILL it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
 import socket
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
+
+from bench.harness import free_port
 
 
 class _ThreadedServer(uvicorn.Server):
@@ -41,3 +50,47 @@ def serve_in_thread(
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def log_tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-3000:]
+
+
+@contextlib.asynccontextmanager
+async def relay_process(
+    env: dict[str, str], log_path: Path, startup_timeout_s: float = 20.0
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`relay serve` as a real process (its output appended to `log_path`); yields it and its
+    base URL once /healthz answers, and stops it on exit unless the test killed it."""
+    port = free_port()
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relay.cli",
+            "serve",
+            "--port",
+            str(port),
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=log,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        async with asyncio.timeout(startup_timeout_s), httpx.AsyncClient(timeout=1) as probe:
+            while True:
+                assert process.returncode is None, log_tail(log_path)
+                with contextlib.suppress(httpx.TransportError):
+                    if (await probe.get(f"{base_url}/healthz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+        yield process, base_url
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(15):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()

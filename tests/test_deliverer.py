@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
-import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import orjson
@@ -46,7 +44,7 @@ from tests.conftest import (
     new_key,
     wait_for,
 )
-from tests.servers import serve_in_thread
+from tests.servers import log_tail, relay_process, serve_in_thread
 
 SCHEDULE_S = (0.1, 0.2, 0.3)  # fast_settings' retry schedule: 4 attempts in all
 NEVER_S = 3600.0  # a generation that stays IN_PROGRESS for the whole test
@@ -816,61 +814,6 @@ async def test_cancel_stops_further_attempts(
 # --- Crash: SIGKILL with callbacks in flight --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _open_log(path: Path) -> IO[bytes]:
-    return path.open("ab")
-
-
-async def _start_relay(
-    env: dict[str, str], port: int, log: IO[bytes]
-) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay.cli",
-        "serve",
-        "--port",
-        str(port),
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
-
-    async def healthy() -> bool:
-        if process.returncode is not None:
-            raise AssertionError(f"relay serve exited with {process.returncode}")
-        try:
-            async with httpx.AsyncClient(timeout=1) as probe:
-                return (await probe.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        await wait_for(healthy, timeout_s=20, interval_s=0.1)
-    except BaseException:
-        await _stop(process)
-        raise
-    return process
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        async with asyncio.timeout(15):
-            await process.wait()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-
-
 async def test_sigkill_with_callbacks_in_flight_loses_nothing(
     db_url: str,
     fake_upstream: tuple[FakeUpstream, str],
@@ -882,9 +825,7 @@ async def test_sigkill_with_callbacks_in_flight_loses_nothing(
     subscription; a message sent twice carries the same webhook-id and body."""
     sim, upstream_url = fake_upstream
     key = await new_key(db_url)
-    port = _free_port()
     env = {
-        **os.environ,
         "RELAY_DATABASE_URL": db_url,
         "RELAY_UPSTREAM_URL": upstream_url,
         "RELAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
@@ -898,14 +839,10 @@ async def test_sigkill_with_callbacks_in_flight_loses_nothing(
     delay_s = 1.0
     receiver.responses["/slow"] = [(200, {}, delay_s)]
     gens = [pending_generation(sim, f"gen_crash_{i}") for i in range(3)]
-    log = _open_log(tmp_path / "relay.log")
-    process = await _start_relay(env, port, log)
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"authorization": f"Bearer {key.api_key}"},
-            timeout=10,
-        ) as client:
+    log_path = tmp_path / "relay.log"
+    auth = {"authorization": f"Bearer {key.api_key}"}
+    async with relay_process(env, log_path) as (process, base_url):
+        async with httpx.AsyncClient(base_url=base_url, headers=auth, timeout=10) as client:
             sub_ids = [
                 (await subscribe(client, gen.id, f"{receiver.url}/slow?gen={gen.id}&n={n}"))["id"]
                 for gen in gens
@@ -917,36 +854,29 @@ async def test_sigkill_with_callbacks_in_flight_loses_nothing(
         process.send_signal(signal.SIGKILL)
         await process.wait()
         killed_at = time.time()
-        # Requests the receiver was still holding when the relay died: never answered.
-        in_flight = {
-            c.headers["webhook-id"] for c in receiver.on("/slow") if killed_at - c.at < delay_s
-        }
-        assert in_flight, "the relay was killed with no callback in flight"
+    # Requests the receiver was still holding when the relay died: never answered.
+    in_flight = {
+        c.headers["webhook-id"] for c in receiver.on("/slow") if killed_at - c.at < delay_s
+    }
+    assert in_flight, "the relay was killed with no callback in flight"
 
-        process = await _start_relay(env, port, log)
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"authorization": f"Bearer {key.api_key}"},
-            timeout=10,
-        ) as client:
+    async with (
+        relay_process(env, log_path) as (_, base_url),
+        httpx.AsyncClient(base_url=base_url, headers=auth, timeout=10) as client,
+    ):
 
-            async def all_delivered() -> bool:
-                page = await client.get("/v1/subscriptions", params={"limit": 500})
-                items: list[dict[str, Any]] = page.json()["items"]
-                delivered = [item for item in items if item["status"] == "delivered"]
-                return len(delivered) == len(sub_ids)
+        async def all_delivered() -> bool:
+            page = await client.get("/v1/subscriptions", params={"limit": 500})
+            items: list[dict[str, Any]] = page.json()["items"]
+            delivered = [item for item in items if item["status"] == "delivered"]
+            return len(delivered) == len(sub_ids)
 
-            try:
-                await wait_for(all_delivered, timeout_s=30, interval_s=0.2)
-            except TimeoutError:
-                page = (await client.get("/v1/subscriptions", params={"limit": 500})).json()
-                statuses = sorted(item["status"] for item in page["items"])
-                log.flush()
-                tail = (tmp_path / "relay.log").read_text()[-3000:]
-                raise AssertionError(f"not all delivered: {statuses}\n{tail}") from None
-    finally:
-        await _stop(process)
-        log.close()
+        try:
+            await wait_for(all_delivered, timeout_s=30, interval_s=0.2)
+        except TimeoutError:
+            page = (await client.get("/v1/subscriptions", params={"limit": 500})).json()
+            statuses = sorted(item["status"] for item in page["items"])
+            raise AssertionError(f"not all delivered: {statuses}\n{log_tail(log_path)}") from None
 
     by_id: defaultdict[str, list[Received]] = defaultdict(list)
     for callback in receiver.on("/slow"):

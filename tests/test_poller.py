@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,7 +24,7 @@ from relay.config import Settings
 from relay.database import open_database
 from relay.fakeupstream import FakeUpstream, FinalStatus
 from tests.conftest import UPSTREAM_KEY, Receiver, fast_settings, new_key, wait_for
-from tests.servers import serve_in_thread
+from tests.servers import relay_process, serve_in_thread
 
 FINAL_SUBSCRIPTION_STATUSES = {"delivered", "failed", "canceled", "expired"}
 NOTICE_KEYS = {"id", "status", "input", "data", "usage", "code", "message"}
@@ -482,59 +479,6 @@ async def test_canceling_the_only_subscription_stops_polling_and_a_new_one_resta
 
 
 # --- Crash recovery ------------------------------------------------------------------------------
-
-
-def _tail(log_path: Path) -> str:
-    return log_path.read_text(errors="replace")[-3000:]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def relay_process(
-    env: dict[str, str], log_path: Path
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`relay serve` as a real process; yields it and its base URL once /healthz answers."""
-    port = _free_port()
-    with log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "relay.cli",
-            "serve",
-            "--port",
-            str(port),
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=log,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-
-        async def healthy() -> bool:
-            assert process.returncode is None, _tail(log_path)
-            try:
-                async with httpx.AsyncClient(timeout=1) as client:
-                    return (await client.get(f"{base_url}/healthz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_for(healthy, timeout_s=20, interval_s=0.1)
-        yield process, base_url
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
 
 
 async def test_sigkill_while_pending_then_restart_finishes_everything(
