@@ -1,19 +1,15 @@
-"""The private-address rule for callback URLs: which hosts the relay may call.
+"""The private-address rule for callback URLs: which hosts the relay may call (pure).
 
-This module owns four things:
+This module owns three things:
 
 - `is_blocked_ip()`: the one definition of a blocked address (loopback, private, CGNAT,
   link-local, unique-local, site-local, multicast, unspecified, broadcast, reserved,
   documentation and benchmarking ranges, and IPv6 forms that carry such an IPv4 address);
-- `parse_callback_url()` / `vet_callback_url()`: the syntax of a callback URL and, unless
-  private callbacks are allowed, the check at subscription time that its host is not and
-  does not resolve to a blocked address;
-- `VettingResolver`: the same check at delivery time, inside aiohttp's connector, on the
-  very addresses the connection is then made to, so a DNS answer that changes between the
-  check and the connect cannot reach a private network;
+- `parse_callback_url()`: the syntax of a callback URL and where it points;
 - `receiver_host()`: which receiver a callback URL points at, the unit of per-host limits.
 
-It must not read settings (callers pass `allow_private`), open connections, or log: a
+The checks that need the network (DNS at subscription time, the connector's resolver at
+delivery time) live in resolver.py. This module must not read settings, do I/O, or log: a
 refusal is an exception with a reason fit to show the client.
 
 Errors::
@@ -25,20 +21,15 @@ Errors::
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import re
 import socket
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
 import yarl
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
 
 __all__ = [
     "MAX_URL_CHARS",
@@ -46,10 +37,12 @@ __all__ = [
     "CallbackTarget",
     "CallbackURLError",
     "IPAddress",
-    "VettingResolver",
+    "address_or_unspecified",
     "is_blocked_ip",
+    "is_localhost_name",
+    "literal_ip",
     "parse_callback_url",
-    "vet_callback_url",
+    "receiver_host",
 ]
 
 IPAddress: TypeAlias = IPv4Address | IPv6Address
@@ -253,7 +246,7 @@ def _parse_host(host_text: str) -> tuple[str, IPAddress | None]:
         host = encoded
     host = host.lower()
     try:
-        ip = _literal_ip(host)
+        ip = literal_ip(host)
     except ValueError:
         raise CallbackURLError("has a host that is not a valid IPv4 address") from None
     if ip is None:
@@ -261,7 +254,7 @@ def _parse_host(host_text: str) -> tuple[str, IPAddress | None]:
     return host, ip
 
 
-def _literal_ip(host: str) -> IPAddress | None:
+def literal_ip(host: str) -> IPAddress | None:
     """The address a host literal stands for; None for a host name.
 
     Raises ValueError for a malformed literal. `host` carries no brackets.
@@ -295,173 +288,14 @@ def _parse_port(port_text: str, scheme: str) -> int:
     return port
 
 
-def _is_localhost_name(host: str) -> bool:
+def is_localhost_name(host: str) -> bool:
     # RFC 6761: these names are loopback whatever DNS says, so they are refused unasked.
     bare = host.removesuffix(".").lower()
     return bare == "localhost" or bare.endswith(".localhost")
 
 
-class _PublicNames:
-    """Host names recently found to resolve only to public addresses.
-
-    Subscriptions arrive in bursts for the same few hosts; this keeps a burst to one lookup.
-    Only an ingest-time courtesy: every delivery checks the addresses it connects to.
-    """
-
-    def __init__(
-        self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._expires_at: dict[str, float] = {}
-
-    def __contains__(self, host: str) -> bool:
-        expires_at = self._expires_at.get(host)
-        if expires_at is None:
-            return False
-        if expires_at <= self._clock():
-            self._expires_at.pop(host, None)
-            return False
-        return True
-
-    def __len__(self) -> int:
-        return len(self._expires_at)
-
-    def add(self, host: str) -> None:
-        now = self._clock()
-        self._expires_at.pop(host, None)
-        if len(self._expires_at) >= self._max_entries:
-            for name, expires_at in list(self._expires_at.items()):
-                if expires_at <= now:
-                    del self._expires_at[name]
-            while len(self._expires_at) >= self._max_entries:
-                # Dicts keep insertion order, so the first entry is the oldest.
-                del self._expires_at[next(iter(self._expires_at))]
-        self._expires_at[host] = now + self._ttl_s
-
-    def clear(self) -> None:
-        self._expires_at.clear()
-
-
-_public_names = _PublicNames(ttl_s=30.0, max_entries=1024)
-
-
-async def vet_callback_url(
-    url: str, *, allow_private: bool, resolve_timeout_s: float = 2.0
-) -> CallbackTarget:
-    """Parse a callback URL and, unless `allow_private`, refuse blocked hosts.
-
-    A host name is refused when any address it resolves to is blocked, or when it does
-    not resolve. Raises CallbackURLError with a reason fit to show the client.
-    """
-    target = parse_callback_url(url)
-    if allow_private:
-        return target
-    if target.ip is not None:
-        if is_blocked_ip(target.ip):
-            raise _private(target.host, target.ip)
-        return target
-    if _is_localhost_name(target.host):
-        raise _private(target.host, IPv4Address("127.0.0.1"))
-    if target.host in _public_names:
-        return target
-    for ip in await _resolve(target.host, target.port, resolve_timeout_s):
-        if is_blocked_ip(ip):
-            raise _private(target.host, ip)
-    _public_names.add(target.host)
-    return target
-
-
-def _private(host: str, ip: IPAddress) -> CallbackURLError:
-    return CallbackURLError(
-        f"host {host} resolves to a private/loopback address ({ip}), which this relay does not call"
-    )
-
-
-async def _resolve(host: str, port: int, timeout_s: float) -> list[IPAddress]:
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout_s):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except TimeoutError:
-        raise CallbackURLError(
-            f"host name {host} does not resolve (no answer within {timeout_s:g} s)"
-        ) from None
-    except (OSError, ValueError):  # socket.gaierror, or UnicodeError for an odd name
-        raise CallbackURLError(f"host name {host} does not resolve") from None
-    if not infos:
-        raise CallbackURLError(f"host name {host} does not resolve")
-    # An answer that is not an address is treated as the most restrictive kind.
-    return [_address_or_unspecified(str(sockaddr[0])) for *_, sockaddr in infos]
-
-
-def _address_or_unspecified(text: str) -> IPAddress:
+def address_or_unspecified(text: str) -> IPAddress:
     try:
         return ip_address(text)
     except ValueError:
         return IPv4Address(0)
-
-
-class VettingResolver(AbstractResolver):
-    """An aiohttp resolver that drops blocked addresses, so connections reach only the rest.
-
-    Plug it into `aiohttp.TCPConnector(resolver=...)`: aiohttp connects to the addresses
-    returned here (and still verifies TLS against the host name). aiohttp never asks a
-    resolver about address literals, so call `check_literal(url.raw_host)` before each
-    request as well. With `allow_private=True` it passes everything through.
-    """
-
-    def __init__(
-        self, *, allow_private: bool = False, inner: AbstractResolver | None = None
-    ) -> None:
-        self._allow_private = allow_private
-        self._inner = inner
-        self._owns_inner = inner is None
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        """Resolve `host`, keeping only addresses that are not blocked."""
-        if self._inner is None:
-            # ThreadedResolver binds the running loop, so it is made on first use.
-            self._inner = ThreadedResolver()
-        if self._allow_private:
-            return await self._inner.resolve(host, port, family)
-        if _is_localhost_name(host):
-            raise _refused(host)
-        allowed = [
-            result
-            for result in await self._inner.resolve(host, port, family)
-            if not is_blocked_ip(_address_or_unspecified(result["host"]))
-        ]
-        if not allowed:
-            raise _refused(host)
-        return allowed
-
-    def check_literal(self, host: str) -> None:
-        """Raise BlockedAddressError if `host` is a blocked address literal.
-
-        Accepts a host as yarl gives it (`URL.raw_host`) or with IPv6 brackets; host names
-        pass, since `resolve()` checks them. A malformed literal is refused.
-        """
-        if self._allow_private:
-            return
-        bare = host.removeprefix("[").removesuffix("]")
-        # A zone identifier only ever scopes a link-local address, blocked anyway.
-        bare = bare.partition("%")[0]
-        try:
-            ip = _literal_ip(bare)
-        except ValueError:
-            raise BlockedAddressError(f"refused: {host} is not a valid address") from None
-        if ip is not None and is_blocked_ip(ip):
-            raise BlockedAddressError(f"refused: {host} is a blocked address")
-
-    async def close(self) -> None:
-        """Close the wrapped resolver if this resolver made it."""
-        if self._owns_inner and self._inner is not None:
-            await self._inner.close()
-
-
-def _refused(host: str) -> BlockedAddressError:
-    return BlockedAddressError(f"refused: {host} resolves only to blocked addresses")

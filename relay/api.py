@@ -27,12 +27,13 @@ from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from relay import store
-from relay.addresses import CallbackURLError, vet_callback_url
+from relay.addresses import CallbackURLError
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
 from relay.poller import UpstreamHealth
 from relay.ratelimit import KeyedLimiter
+from relay.resolver import vet_callback_url
 from relay.schemas import (
     BODY_MAX_BYTES,
     GENERATION_ID_PATTERN,

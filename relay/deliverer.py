@@ -31,11 +31,12 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from relay import __version__, store
-from relay.addresses import BlockedAddressError, VettingResolver
+from relay.addresses import BlockedAddressError
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
 from relay.draining import Drainer
+from relay.resolver import VettingResolver
 from relay.retry import Outcome, decide, parse_retry_after
 from relay.signing import sign
 

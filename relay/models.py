@@ -11,6 +11,7 @@ crashed process's work becomes due again by itself when the lease runs out.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -37,6 +38,39 @@ NAMING = {
 }
 
 metadata = MetaData(naming_convention=NAMING)
+
+
+# Status words, stored as the words themselves (StrEnum members are str, so they bind and
+# compare as the plain words operators see in SQL).
+
+
+class SubscriptionStatus(StrEnum):
+    ACTIVE = "active"  # waiting for a final result, or delivering it
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+class GenerationState(StrEnum):
+    POLLING = "polling"
+    IDLE = "idle"  # no active subscription
+    FINAL = "final"
+    EXPIRED = "expired"  # the relay gave up on it
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class CallbackEvent(StrEnum):
+    COMPLETED = "generation.completed"
+    FAILED = "generation.failed"
+    CANCELED = "generation.canceled"
+    EXPIRED = "generation.expired"
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -16,17 +16,16 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from relay import addresses
+from relay import resolver
 from relay.addresses import (
     BlockedAddressError,
     CallbackTarget,
     CallbackURLError,
-    VettingResolver,
     is_blocked_ip,
     parse_callback_url,
     receiver_host,
-    vet_callback_url,
 )
+from relay.resolver import VettingResolver, vet_callback_url
 from tests.servers import serve_in_thread
 
 BLOCKED = [
@@ -240,9 +239,9 @@ def test_callback_url_error_is_a_value_error() -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_resolution_cache() -> Iterator[None]:
-    addresses._public_names.clear()
+    resolver._public_names.clear()
     yield
-    addresses._public_names.clear()
+    resolver._public_names.clear()
 
 
 class FakeDNS:
@@ -397,7 +396,7 @@ async def test_refusals_are_not_cached(fake_dns: FakeDNS) -> None:
 def test_resolution_cache_entries_expire() -> None:
     """A cached host name is forgotten once its time to live has passed."""
     now = [1000.0]
-    cache = addresses._PublicNames(ttl_s=30.0, max_entries=8, clock=lambda: now[0])
+    cache = resolver._PublicNames(ttl_s=30.0, max_entries=8, clock=lambda: now[0])
     cache.add("a.example")
     now[0] += 29.9
     assert "a.example" in cache
@@ -408,7 +407,7 @@ def test_resolution_cache_entries_expire() -> None:
 
 def test_resolution_cache_is_bounded() -> None:
     """The cache never holds more than max_entries names, dropping the oldest first."""
-    cache = addresses._PublicNames(ttl_s=30.0, max_entries=3, clock=lambda: 0.0)
+    cache = resolver._PublicNames(ttl_s=30.0, max_entries=3, clock=lambda: 0.0)
     for name in ["a", "b", "c", "d", "e"]:
         cache.add(name)
     assert len(cache) == 3
