@@ -31,7 +31,7 @@ from relay.addresses import CallbackURLError
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
-from relay.poller import UpstreamHealth
+from relay.health import UpstreamHealth
 from relay.ratelimit import KeyedLimiter
 from relay.resolver import vet_callback_url
 from relay.schemas import (

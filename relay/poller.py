@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +25,7 @@ from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
 from relay.draining import Drainer
+from relay.health import UpstreamHealth
 from relay.ratelimit import TokenBucket
 from relay.schedule import error_gap_s, poll_gap_s
 from relay.upstream import FINAL_STATUSES, PollResult, UpstreamClient
@@ -33,32 +33,6 @@ from relay.upstream import FINAL_STATUSES, PollResult, UpstreamClient
 logger = logging.getLogger(__name__)
 
 CLAIM_BATCH_MAX = 200
-
-
-class UpstreamHealth:
-    """How the last polls went, for /readyz: ok, unauthorized, unreachable or unknown."""
-
-    def __init__(self) -> None:
-        self.state = "unknown"
-        self._last_alarm = 0.0
-
-    def observe(self, result: PollResult) -> None:
-        if result.kind == "unauthorized":
-            self.state = "unauthorized"
-            now = time.monotonic()
-            if now - self._last_alarm > 60:
-                self._last_alarm = now
-                logger.error(
-                    "upstream rejects the relay's API key (%s): check RELAY_UPSTREAM_API_KEY; "
-                    "polling continues slowly and no subscription is failed for it",
-                    result.error,
-                )
-        elif result.kind == "error":
-            if self.state != "unreachable":
-                logger.warning("upstream polls are failing: %s", result.error)
-            self.state = "unreachable"
-        else:
-            self.state = "ok"
 
 
 def notice_body(generation_id: str, code: str, message: str) -> str:
