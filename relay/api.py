@@ -32,6 +32,7 @@ from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
 from relay.health import UpstreamHealth
+from relay.models import SubscriptionStatus
 from relay.ratelimit import KeyedLimiter
 from relay.resolver import vet_callback_url
 from relay.schemas import (
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 SUBSCRIPTION_ID = re.compile(r"sub_[0-9A-Z]{26}")
 LIMIT = re.compile(r"[0-9]{1,3}")
 CALLBACK_URL_MAX_BYTES = 2048
-STATUSES = ("active", "delivered", "failed", "canceled", "expired")
+STATUSES = tuple(SubscriptionStatus)
 GENERATION_ID = re.compile(GENERATION_ID_PATTERN.strip("^$"))
 
 

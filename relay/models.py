@@ -10,6 +10,7 @@ crashed process's work becomes due again by itself when the lease runs out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -73,6 +74,15 @@ class CallbackEvent(StrEnum):
     EXPIRED = "generation.expired"
 
 
+# The event a generation that ended upstream is delivered as, by its final upstream status
+# (upstream.FINAL_STATUSES); a generation the relay gave up on is delivered as EXPIRED.
+EVENT_BY_FINAL_STATUS: Mapping[str, CallbackEvent] = {
+    "COMPLETED": CallbackEvent.COMPLETED,
+    "FAILED": CallbackEvent.FAILED,
+    "CANCELED": CallbackEvent.CANCELED,
+}
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes in, aware UTC datetimes out, on SQLite (naive text) and PostgreSQL."""
 
@@ -117,7 +127,7 @@ generations = Table(
     "generations",
     metadata,
     Column("id", String(128), primary_key=True),
-    # polling | idle (no active subscription) | final | expired (the relay gave up)
+    # GenerationState: polling | idle (no active subscription) | final | expired (gave up)
     Column("state", String(16), nullable=False),
     Column("status", String(32), nullable=True),  # last status seen upstream, normalised
     Column("result", Text, nullable=True),  # final body as upstream sent it, or the relay's notice
@@ -146,7 +156,7 @@ subscriptions = Table(
     Column("generation_id", String(128), ForeignKey("generations.id"), nullable=False),
     Column("callback_url", String(2048), nullable=False),
     Column("metadata", Text, nullable=True),
-    # active | delivered | failed | canceled | expired
+    # SubscriptionStatus: active | delivered | failed | canceled | expired
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text, nullable=True),
@@ -176,10 +186,10 @@ deliveries = Table(
     ),
     Column("subscription_id", String(40), ForeignKey("subscriptions.id"), nullable=False),
     Column("webhook_id", String(40), nullable=False),
-    # generation.completed | generation.failed | generation.canceled | generation.expired
+    # CallbackEvent: generation.completed | .failed | .canceled | .expired
     Column("event", String(32), nullable=False),
     Column("payload", Text, nullable=True),  # null: the generation's stored result
-    # pending | delivered | failed | canceled
+    # DeliveryStatus: pending | delivered | failed | canceled
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("next_attempt_at", UTCDateTime(), nullable=True),

@@ -26,6 +26,7 @@ from relay.config import Settings
 from relay.database import Database
 from relay.draining import Drainer
 from relay.health import UpstreamHealth
+from relay.models import EVENT_BY_FINAL_STATUS, CallbackEvent, GenerationState
 from relay.ratelimit import TokenBucket
 from relay.schedule import error_gap_s, poll_gap_s
 from relay.upstream import FINAL_STATUSES, PollResult, UpstreamClient
@@ -65,8 +66,10 @@ def plan_record(
         assert result.status is not None
         values.update(status=result.status, error_count=0, not_found_since=None, last_error=None)
         if result.status in FINAL_STATUSES:
-            values.update(state="final", result=result.body, final_at=now, next_poll_at=None)
-            return store.PollRecord(claimed.id, values, event=store.EVENT_BY_STATUS[result.status])
+            values.update(
+                state=GenerationState.FINAL, result=result.body, final_at=now, next_poll_at=None
+            )
+            return store.PollRecord(claimed.id, values, event=EVENT_BY_FINAL_STATUS[result.status])
         if result.status != claimed.status:
             unchanged = 0
             values["status_changed_at"] = now
@@ -106,8 +109,10 @@ def _give_up(
     generation_id: str, values: dict[str, Any], now: datetime, code: str, message: str
 ) -> store.PollRecord:
     notice = notice_body(generation_id, code, message)
-    values.update(state="expired", result=notice, final_at=now, next_poll_at=None)
-    return store.PollRecord(generation_id, values, event=store.EXPIRED_EVENT, notice_payload=notice)
+    values.update(state=GenerationState.EXPIRED, result=notice, final_at=now, next_poll_at=None)
+    return store.PollRecord(
+        generation_id, values, event=CallbackEvent.EXPIRED, notice_payload=notice
+    )
 
 
 class Poller(Drainer):

@@ -608,7 +608,7 @@ async def test_a_saturated_host_has_its_due_backlog_deferred_with_the_surplus(
     written without a host) and the host's other due, unleased deliveries, earliest first and
     at most HOST_DEFER_BATCH of them; other hosts, and leases held by anyone (even run out,
     their holder may still be sending), are not touched."""
-    monkeypatch.setattr(store, "HOST_DEFER_BATCH", 3)
+    monkeypatch.setattr(store.deliveries, "HOST_DEFER_BATCH", 3)
     slow_urls = [f"https://93.184.216.34/{i}" for i in range(8)]
     other_urls = [f"https://93.184.216.35/{i}" for i in range(2)]
     ids = await _final_deliveries(db, slow_urls + other_urls, "dh")
@@ -653,7 +653,7 @@ async def test_a_saturated_host_has_its_due_backlog_deferred_with_the_surplus(
                 .where(deliveries.c.id == delivery_id)
                 .values(next_attempt_at=db.now() - timedelta(seconds=age_s))
             )
-    monkeypatch.setattr(store, "HOST_DEFER_BATCH", 2)
+    monkeypatch.setattr(store.deliveries, "HOST_DEFER_BATCH", 2)
     deferred = await store.defer_hosts(
         db, "node-a", {"93.184.216.34:443": store.HostDeferral([slow[5]], 100.0)}
     )

@@ -1,0 +1,146 @@
+"""Polls, the worker's side: claim due generations, renew their leases, record what each
+poll saw and, when a generation ends, queue one delivery per active subscription; and stop
+polling a generation nobody watches any more.
+
+Owns the writes to `generations` that start, continue or end its polling, except creating
+and waking one (creates.py's). The lease rules are _leases.py's; the poll's decisions are the
+poller's (plan_record): this module applies them and never decides them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relay.database import Database
+from relay.models import (
+    CallbackEvent,
+    GenerationState,
+    SubscriptionStatus,
+    deliveries,
+    generations,
+    subscriptions,
+)
+from relay.store._leases import GENERATION_LEASES
+from relay.store._sql import any_of, delivery_row, insert_rows, retrying
+
+
+@dataclass(frozen=True)
+class ClaimedGeneration:
+    id: str
+    status: str | None
+    first_subscribed_at: datetime
+    status_changed_at: datetime | None
+    unchanged_polls: int
+    error_count: int
+    not_found_since: datetime | None
+
+
+async def claim_due_generations(
+    db: Database, owner: str, limit: int, lease_s: float
+) -> list[ClaimedGeneration]:
+    """Lease up to `limit` generations whose poll is due, oldest due first."""
+    returning = [generations.c[field.name] for field in fields(ClaimedGeneration)]
+    async with db.transaction() as conn:
+        rows = await GENERATION_LEASES.claim(conn, owner, limit, lease_s, db.now(), returning)
+    return [ClaimedGeneration(**row) for row in rows]
+
+
+async def renew_generation_leases(
+    db: Database, owner: str, ids: Sequence[str], lease_s: float
+) -> None:
+    await GENERATION_LEASES.renew(db, owner, ids, lease_s)
+
+
+@dataclass(frozen=True)
+class PollRecord:
+    """What one poll changes on its generation. `event` set: the generation is done
+    (final or given up) and `result` is what every active subscriber gets."""
+
+    generation_id: str
+    values: Mapping[str, Any]
+    event: CallbackEvent | None = None
+    notice_payload: str | None = None
+
+
+async def _record_polls_once(db: Database, owner: str, records: Sequence[PollRecord]) -> list[bool]:
+    now = db.now()
+    postgres = db.is_postgres
+    async with db.transaction() as conn:
+        ids = [r.generation_id for r in records]
+        held = await GENERATION_LEASES.held(conn, owner, ids, postgres)
+        # One executemany per shape of change (final, error, still running...).
+        by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for record in records:
+            if record.generation_id not in held:
+                continue
+            values = {**record.values, "updated_at": now}
+            shape = tuple(sorted(values))
+            by_shape.setdefault(shape, []).append(
+                {"g_id": record.generation_id, **{f"v_{k}": v for k, v in values.items()}}
+            )
+        for shape, rows in by_shape.items():
+            await conn.execute(
+                update(generations)
+                .where(generations.c.id == bindparam("g_id"))
+                .values(
+                    poll_count=generations.c.poll_count + 1,
+                    **{k: bindparam(f"v_{k}", type_=generations.c[k].type) for k in shape},
+                ),
+                rows,
+            )
+        ended = {
+            r.generation_id: r for r in records if r.event is not None and r.generation_id in held
+        }
+        if ended:
+            subs = await conn.execute(
+                select(
+                    subscriptions.c.id,
+                    subscriptions.c.generation_id,
+                    subscriptions.c.callback_url,
+                ).where(
+                    any_of(subscriptions.c.generation_id, list(ended), postgres),
+                    subscriptions.c.status == SubscriptionStatus.ACTIVE,
+                )
+            )
+            new_deliveries = []
+            for sub_id, gen_id, callback_url in subs:
+                record = ended[gen_id]
+                assert record.event is not None
+                new_deliveries.append(
+                    delivery_row(sub_id, callback_url, record.event, record.notice_payload, now)
+                )
+            await insert_rows(conn, deliveries, new_deliveries, postgres)
+    return [r.generation_id in held for r in records]
+
+
+async def record_polls(db: Database, owner: str, records: Sequence[PollRecord]) -> list[bool]:
+    """Apply polls' outcomes and, for each that ends its generation, queue one delivery per
+    active subscription, all in one transaction. Each answer is False where the lease was
+    lost (nothing written for that generation)."""
+    return await retrying(lambda: _record_polls_once(db, owner, records))
+
+
+async def idle_if_unwatched(conn: AsyncConnection, gen_id: str, now: datetime) -> None:
+    """Stop polling the generation if no active subscription is left (after a cancel)."""
+    active = (
+        await conn.execute(
+            select(func.count())
+            .select_from(subscriptions)
+            .where(
+                subscriptions.c.generation_id == gen_id,
+                subscriptions.c.status == SubscriptionStatus.ACTIVE,
+            )
+        )
+    ).scalar_one()
+    if active == 0:
+        await conn.execute(
+            update(generations)
+            .where(generations.c.id == gen_id, generations.c.state == GenerationState.POLLING)
+            .values(state=GenerationState.IDLE, next_poll_at=None, lease_owner=None, updated_at=now)
+        )
