@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import orjson
-from sqlalchemy import insert
 
 from bench.common import Results, drop_database, new_database
 from bench.harness import cluster
 from relay import store
 from relay.database import open_database
-from relay.models import generations
+from relay.store import seeding
 
 HOSTS = 10
 BODY = {
@@ -47,25 +45,11 @@ async def make_backlog(
     hangs (with none, all ten hosts are fast). Returns how many go to fast hosts."""
     db = open_database(url)
     key = await store.create_key(db, f"delivery-{tag}")
-    now = datetime.now(UTC)
-    rows = []
-    for i in range(count):
-        body = dict(BODY, id=f"gen_{tag}_{i}")
-        rows.append(
-            {
-                "id": f"gen_{tag}_{i}",
-                "state": "final",
-                "status": "COMPLETED",
-                "result": orjson.dumps(body).decode(),
-                "first_subscribed_at": now,
-                "final_at": now,
-                "created_at": now,
-                "updated_at": now,
-            }
-        )
-    async with db.transaction() as conn:
-        for start in range(0, count, 1000):
-            await conn.execute(insert(generations), rows[start : start + 1000])
+    results = {
+        f"gen_{tag}_{i}": orjson.dumps(dict(BODY, id=f"gen_{tag}_{i}")).decode()
+        for i in range(count)
+    }
+    await seeding.add_final_generations(db, results)
     key_hash = store.hash_api_key(key.api_key)
     fast = 0
     requests = []

@@ -1,28 +1,27 @@
 """Scale: 100,000 pending generations in one relay process.
 
-The rows are written straight into the tables (100,000 generations, one subscription each),
-the simulator holds the same 100,000 as long-running videos, and one `relay serve` process
-runs on top. Measured: the time of the claim query over 100,000 rows (before relay starts);
-relay's RSS and CPU when idle (nothing due) and under load (everything due, polled at the
-default RELAY_UPSTREAM_MAX_RPS of 50 and at 500).
+The rows are written in bulk by relay's store (store.seeding: 100,000 generations, one
+subscription each), the simulator holds the same 100,000 as long-running videos, and one
+`relay serve` process runs on top. Measured: the time of the claim query over 100,000 rows
+(before relay starts); relay's RSS and CPU when idle (nothing due) and under load (everything
+due, polled at the default RELAY_UPSTREAM_MAX_RPS of 50 and at 500).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import psutil
-from sqlalchemy import insert, update
 
 from bench.common import Results, drop_database, new_database
 from bench.harness import cluster
 from relay import store
 from relay.database import open_database
-from relay.models import generations, subscriptions
+from relay.store import seeding
 
 UPSTREAM_KEY = "scale-bench"
 
@@ -30,41 +29,13 @@ UPSTREAM_KEY = "scale-bench"
 async def seed(url: str, count: int) -> None:
     db = open_database(url)
     key = await store.create_key(db, "scale")
-    now = datetime.now(UTC)
-    later = now + timedelta(hours=1)
-    async with db.transaction() as conn:
-        for start in range(0, count, 5000):
-            ids = range(start, min(count, start + 5000))
-            await conn.execute(
-                insert(generations),
-                [
-                    {
-                        "id": f"gen_scale_{i}",
-                        "state": "polling",
-                        "status": "IN_PROGRESS",
-                        "first_subscribed_at": now,
-                        "next_poll_at": later,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for i in ids
-                ],
-            )
-            await conn.execute(
-                insert(subscriptions),
-                [
-                    {
-                        "id": f"sub_{i:026d}",
-                        "api_key_id": key.id,
-                        "generation_id": f"gen_scale_{i}",
-                        "callback_url": f"https://93.184.216.34/hooks/{i}",
-                        "status": "active",
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for i in ids
-                ],
-            )
+    await seeding.add_polling_generations(
+        db,
+        key.id,
+        {f"gen_scale_{i}": f"https://93.184.216.34/hooks/{i}" for i in range(count)},
+        status="IN_PROGRESS",
+        next_poll_at=db.now() + timedelta(hours=1),
+    )
     await db.dispose()
 
 
@@ -72,17 +43,13 @@ async def time_claims(url: str, rounds: int = 20, batch: int = 200) -> tuple[flo
     """Median and max ms of claiming `batch` due generations out of all of them due."""
     db = open_database(url)
     await db.sync_clock()
-    async with db.transaction() as conn:
-        await conn.execute(update(generations).values(next_poll_at=db.now() - timedelta(seconds=1)))
+    await seeding.schedule_all_polls(db, db.now() - timedelta(seconds=1))
     timings = []
     for _ in range(rounds):
         started = time.perf_counter()
         await store.claim_due_generations(db, "bench-claim", batch, 30.0)
         timings.append((time.perf_counter() - started) * 1000)
-    async with db.transaction() as conn:
-        await conn.execute(
-            update(generations).values(next_poll_at=db.now() + timedelta(hours=1), lease_owner=None)
-        )
+    await seeding.schedule_all_polls(db, db.now() + timedelta(hours=1))
     await db.dispose()
     timings.sort()
     return timings[len(timings) // 2], timings[-1]
@@ -91,8 +58,7 @@ async def time_claims(url: str, rounds: int = 20, batch: int = 200) -> tuple[flo
 async def make_all_due(url: str) -> None:
     db = open_database(url)
     await db.sync_clock()
-    async with db.transaction() as conn:
-        await conn.execute(update(generations).values(next_poll_at=db.now()))
+    await seeding.schedule_all_polls(db, db.now())
     await db.dispose()
 
 
@@ -178,10 +144,5 @@ def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
 async def _release(url: str) -> None:
     """Forget the killed node's leases so the next run starts from the same state."""
     db = open_database(url)
-    async with db.transaction() as conn:
-        await conn.execute(
-            update(generations).values(
-                lease_owner=None, next_poll_at=datetime.now(UTC) + timedelta(hours=1)
-            )
-        )
+    await seeding.schedule_all_polls(db, db.now() + timedelta(hours=1))
     await db.dispose()

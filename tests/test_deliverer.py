@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sqlalchemy import insert, select, update
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,8 +33,7 @@ from relay.config import Settings
 from relay.database import Database
 from relay.deliverer import EXCERPT_BYTES
 from relay.fakeupstream import FakeUpstream, FinalStatus, Generation
-from relay.models import deliveries, generations, subscriptions
-from relay.store import NewKey
+from relay.store import NewKey, seeding
 from tests.conftest import (
     UPSTREAM_KEY,
     Received,
@@ -523,64 +521,19 @@ async def _final_deliveries(db: Database, urls: list[str], tag: str) -> list[int
     """One subscription per URL to its own generation, already final: one pending delivery
     each (queued at once, a late registration). Returns the delivery ids, in `urls` order."""
     key = await store.create_key(db, tag)
-    now = db.now()
-    async with db.transaction() as conn:
-        await conn.execute(
-            insert(generations),
-            [
-                {
-                    "id": f"gen_{tag}_{i}",
-                    "state": "final",
-                    "status": "COMPLETED",
-                    "result": "{}",
-                    "first_subscribed_at": now,
-                    "final_at": now,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for i in range(len(urls))
-            ],
-        )
+    await seeding.add_final_generations(db, {f"gen_{tag}_{i}": "{}" for i in range(len(urls))})
     key_hash = store.hash_api_key(key.api_key)
     await store.create_subscriptions(
         db,
         [store.CreateRequest(key_hash, f"gen_{tag}_{i}", url, None) for i, url in enumerate(urls)],
     )
-    async with db.reader() as conn:
-        by_generation = dict(
-            (
-                await conn.execute(
-                    select(subscriptions.c.generation_id, deliveries.c.id).join(
-                        deliveries, deliveries.c.subscription_id == subscriptions.c.id
-                    )
-                )
-            ).all()
-        )
+    by_generation = await seeding.delivery_ids_by_generation(db)
     return [by_generation[f"gen_{tag}_{i}"] for i in range(len(urls))]
 
 
-async def _delivery_rows(db: Database) -> dict[int, Any]:
-    async with db.reader() as conn:
-        return {
-            row.id: row
-            for row in await conn.execute(
-                select(
-                    deliveries.c.id,
-                    deliveries.c.next_attempt_at,
-                    deliveries.c.lease_owner,
-                    deliveries.c.host,
-                )
-            )
-        }
-
-
 async def _lease(db: Database, delivery_id: int, owner: str, until_s: float) -> None:
-    async with db.transaction() as conn:
-        await conn.execute(
-            update(deliveries)
-            .where(deliveries.c.id == delivery_id)
-            .values(lease_owner=owner, next_attempt_at=db.now() + timedelta(seconds=until_s))
-        )
+    until = db.now() + timedelta(seconds=until_s)
+    await seeding.schedule_delivery(db, delivery_id, until, lease_owner=owner)
 
 
 async def test_releasing_waiting_deliveries_makes_them_due_for_anyone(db: Database) -> None:
@@ -593,7 +546,7 @@ async def test_releasing_waiting_deliveries_makes_them_due_for_anyone(db: Databa
 
     await store.release_deliveries(db, "node-a", [d.id for d in [*mine, *theirs]])
 
-    rows = await _delivery_rows(db)
+    rows = await seeding.delivery_schedules(db)
     for delivery in mine:
         assert rows[delivery.id].lease_owner is None
     assert rows[theirs[0].id].lease_owner == "node-b"
@@ -619,17 +572,18 @@ async def test_a_saturated_host_has_its_due_backlog_deferred_with_the_surplus(
     await _lease(db, slow[2], "node-b", 30)  # node-b is sending it
     await _lease(db, slow[3], "node-a", -5)  # node-a's lease ran out; still sending
     await _lease(db, slow[4], "node-a", 30)  # claimed beyond the limit, written with no host
-    async with db.transaction() as conn:
-        await conn.execute(update(deliveries).where(deliveries.c.id == slow[4]).values(host=None))
+    await seeding.forget_delivery_host(db, slow[4])
     # slow[5:8] are due and unleased: three of them, and the batch is three.
     deferred = await store.defer_hosts(
         db, "node-a", {"93.184.216.34:443": store.HostDeferral([slow[1], slow[4]], 100.0)}
     )
 
-    rows = await _delivery_rows(db)
+    rows = await seeding.delivery_schedules(db)
 
     def due_in_s(delivery_id: int) -> float:
-        return float((rows[delivery_id].next_attempt_at - now).total_seconds())
+        due = rows[delivery_id].next_attempt_at
+        assert due is not None
+        return (due - now).total_seconds()
 
     assert deferred == 5
     for delivery_id in (slow[1], slow[4], *slow[5:8]):
@@ -646,20 +600,15 @@ async def test_a_saturated_host_has_its_due_backlog_deferred_with_the_surplus(
     # With a batch smaller than the backlog, the earliest due go first.
     await _lease(db, slow[5], "node-a", 30)
     ids_more = await _final_deliveries(db, [f"https://93.184.216.34/m{i}" for i in range(4)], "dm")
-    async with db.transaction() as conn:
-        for age_s, delivery_id in enumerate(ids_more, start=1):  # the last is the earliest
-            await conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery_id)
-                .values(next_attempt_at=db.now() - timedelta(seconds=age_s))
-            )
+    for age_s, delivery_id in enumerate(ids_more, start=1):  # the last is the earliest
+        await seeding.schedule_delivery(db, delivery_id, db.now() - timedelta(seconds=age_s))
     monkeypatch.setattr(store.deliveries, "HOST_DEFER_BATCH", 2)
     deferred = await store.defer_hosts(
         db, "node-a", {"93.184.216.34:443": store.HostDeferral([slow[5]], 100.0)}
     )
-    rows = await _delivery_rows(db)
+    rows = await seeding.delivery_schedules(db)
     assert deferred == 3
-    pushed = [i for i in ids_more if rows[i].next_attempt_at > db.now() + timedelta(seconds=50)]
+    pushed = [i for i in ids_more if due_in_s(i) > 50]  # the others are due already
     assert sorted(pushed) == sorted(ids_more[2:])
 
 
