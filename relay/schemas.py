@@ -27,13 +27,15 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
+from relay.addresses import MAX_URL_CHARS
 from relay.models import SubscriptionStatus
 
 # --- Limits ---------------------------------------------------------------------------------
 
 BODY_MAX_BYTES = 64 * 1024
 METADATA_MAX_BYTES = 4 * 1024
-CALLBACK_URL_MAX_CHARS = 2048
+# The URL rule's own module (pure, also used at delivery time) holds the character limit.
+CALLBACK_URL_MAX_CHARS = MAX_URL_CHARS
 # Indexed for idempotency, and an index row has a size limit: the bytes are bounded too.
 CALLBACK_URL_MAX_BYTES = 2048
 GENERATION_ID_MAX_CHARS = 128
