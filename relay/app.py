@@ -14,18 +14,17 @@ from typing import Literal, TypedDict
 
 import aiohttp
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute
 
-from relay import api
+from relay import api, probes
 from relay.api import ApiContext
 from relay.config import Settings
 from relay.database import open_database
 from relay.deliverer import AiohttpSender, CallbackSender, Deliverer
 from relay.health import UpstreamHealth
+from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
-from relay.openapi import build_openapi
+from relay.openapi import with_openapi
 from relay.poller import Poller
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
@@ -47,10 +46,6 @@ def create_app(
     sender: CallbackSender | None = None,
 ) -> Starlette:
     """The relay as an ASGI app; migrations must already be applied (the CLI does it)."""
-    openapi_body = api.json_response(build_openapi()).body
-
-    async def openapi(request: Request) -> Response:
-        return Response(openapi_body, media_type="application/json")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -104,11 +99,10 @@ def create_app(
             await db.dispose()
             logger.info("relay stopped: node=%s", owner)
 
-    routes = [*api.ROUTES, Route("/openapi.json", openapi, methods=["GET"])]
-    if role == "worker":
-        routes = [r for r in routes if r.path in ("/healthz", "/readyz", "/openapi.json")]
+    # A worker serves only the probes; /openapi.json documents what this process serves.
+    routes: list[BaseRoute] = [*(api.ROUTES if role != "worker" else ()), *probes.ROUTES]
     return Starlette(
-        routes=routes,
+        routes=with_openapi(routes),
         lifespan=lifespan,
-        exception_handlers=api.EXCEPTION_HANDLERS,
+        exception_handlers=EXCEPTION_HANDLERS,
     )

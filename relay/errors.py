@@ -5,7 +5,7 @@
     └── StartupError             the process cannot start (e.g. the SQLite file is in use)
 
 Outside this tree on purpose: `addresses.CallbackURLError` is a ValueError (a client's bad
-input, answered 422), and the HTTP API's errors are `api.ApiError`, answered as JSON bodies.
+input, answered 422), and the HTTP API's errors are `http.ApiError`, answered as JSON bodies.
 """
 
 from __future__ import annotations

@@ -1,70 +1,63 @@
-"""The OpenAPI 3.1 document, built from the same pydantic models that validate requests."""
+"""The OpenAPI 3.1 document, built by walking the route table: each route's `Operation`
+(http.py) says what it is, and its models (schemas.py) give the schemas, so the document
+cannot name a route that is not served, or miss one that is. No hand-written paths here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from relay import __version__
-from relay.schemas import (
-    AttemptList,
-    ErrorBody,
-    Health,
-    Readiness,
-    Subscription,
-    SubscriptionCreate,
-    SubscriptionList,
-)
+from relay.http import Answer, Operation, endpoint, operations, route
+from relay.schemas import BODY_MAX_BYTES, ErrorBody
 
 _REF = "#/components/schemas/{model}"
+# The error codes behind each error status; the contract's table, in the document's words.
 _ERRORS = {
-    "400": "invalid_json: the body is not JSON, or not an object",
-    "401": "unauthorized: no key, unknown key, revoked key",
-    "404": "not_found: no such subscription for this key",
-    "409": "conflict: nothing to redeliver",
-    "413": "payload_too_large: body over 64 KiB",
-    "422": "validation_error: `details` lists each field and why",
-    "429": "rate_limited: the key sends too fast (see Retry-After)",
+    400: "invalid_json: the body is not JSON, or not an object",
+    401: "unauthorized: no key, unknown key, revoked key",
+    404: "not_found: no such subscription for this key",
+    409: "conflict: nothing to redeliver",
+    413: f"payload_too_large: body over {BODY_MAX_BYTES // 1024} KiB",
+    422: "validation_error: `details` lists each field and why",
+    429: "rate_limited: the key sends too fast (see Retry-After)",
 }
 
-
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": _REF.format(model=model.__name__)}
-
-
-def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
-
-
-def _errors(*codes: str) -> dict[str, Any]:
-    return {code: _json(ErrorBody, _ERRORS[code]) for code in codes}
+OPENAPI = Operation(
+    "getOpenapi",
+    "This document",
+    {200: Answer("OpenAPI 3.1 document")},
+    authenticated=False,
+)
 
 
-_ID = {
-    "name": "id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^sub_[0-9A-Z]{26}$"},
-}
+def with_openapi(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """`routes` and GET /openapi.json: the document of them all, itself included."""
+    document = b""
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    served = [*routes, route("/openapi.json", GET=endpoint(OPENAPI, openapi))]
+    document = orjson.dumps(build_openapi(served))
+    return served
 
 
-def build_openapi() -> dict[str, Any]:
-    models: list[type[BaseModel]] = [
-        SubscriptionCreate,
-        Subscription,
-        SubscriptionList,
-        AttemptList,
-        ErrorBody,
-        Health,
-        Readiness,
-    ]
+def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in models:
-        schema = model.model_json_schema(ref_template=_REF)
-        schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
-    auth: list[dict[str, list[str]]] = [{"bearer": []}]
+    paths: dict[str, dict[str, Any]] = {}
+    for served in routes:
+        if isinstance(served, Route):
+            for method, operation in operations(served).items():
+                item = paths.setdefault(served.path, {})
+                item[method.lower()] = _operation(operation, schemas)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -77,113 +70,97 @@ def build_openapi() -> dict[str, Any]:
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": {
-            "/v1/subscriptions": {
-                "post": {
-                    "summary": "Create a subscription (idempotent per key, generation and URL)",
-                    "security": auth,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref(SubscriptionCreate)}},
-                    },
-                    "responses": {
-                        "201": _json(Subscription, "created"),
-                        "200": _json(Subscription, "an identical active subscription exists"),
-                        **_errors("400", "401", "413", "422", "429"),
-                    },
-                },
-                "get": {
-                    "summary": "List this key's subscriptions, newest first",
-                    "security": auth,
-                    "parameters": [
-                        {
-                            "name": "status",
-                            "in": "query",
-                            "schema": Subscription.model_json_schema()["properties"]["status"],
-                        },
-                        {
-                            "name": "generation_id",
-                            "in": "query",
-                            "schema": SubscriptionCreate.model_json_schema()["properties"][
-                                "generation_id"
-                            ],
-                        },
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": 500,
-                                "default": 50,
-                            },
-                        },
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {
-                        "200": _json(SubscriptionList, "a page of subscriptions"),
-                        **_errors("401", "422", "429"),
-                    },
-                },
-            },
-            "/v1/subscriptions/{id}": {
-                "parameters": [_ID],
-                "get": {
-                    "summary": "Get a subscription",
-                    "security": auth,
-                    "responses": {
-                        "200": _json(Subscription, "the subscription"),
-                        **_errors("401", "404", "429"),
-                    },
-                },
-                "delete": {
-                    "summary": "Cancel a subscription (a final one stays as it was)",
-                    "security": auth,
-                    "responses": {
-                        "200": _json(Subscription, "the subscription, now canceled"),
-                        **_errors("401", "404", "429"),
-                    },
-                },
-            },
-            "/v1/subscriptions/{id}/attempts": {
-                "parameters": [_ID],
-                "get": {
-                    "summary": "Delivery attempts, oldest first",
-                    "security": auth,
-                    "responses": {
-                        "200": _json(AttemptList, "the attempts"),
-                        **_errors("401", "404", "429"),
-                    },
-                },
-            },
-            "/v1/subscriptions/{id}/redeliver": {
-                "parameters": [_ID],
-                "post": {
-                    "summary": "Send the stored final result again (same webhook-id)",
-                    "security": auth,
-                    "responses": {
-                        "202": _json(Subscription, "queued"),
-                        **_errors("401", "404", "409", "429"),
-                    },
-                },
-            },
-            "/healthz": {
-                "get": {"summary": "Liveness", "responses": {"200": _json(Health, "running")}}
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: the database answers; how the last polls went",
-                    "responses": {
-                        "200": _json(Readiness, "ready"),
-                        "503": _json(Readiness, "the database does not answer"),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {"200": {"description": "OpenAPI 3.1 document"}},
-                }
-            },
-        },
+        "paths": paths,
     }
+
+
+def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
+    described: dict[str, Any] = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+    }
+    if operation.authenticated:
+        described["security"] = [{"bearer": []}]
+    parameters = []
+    if operation.path is not None:
+        parameters += _parameters(operation.path, "path", schemas)
+    if operation.query is not None:
+        parameters += _parameters(operation.query, "query", schemas)
+    if parameters:
+        described["parameters"] = parameters
+    if operation.body is not None:
+        described["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _component(operation.body, schemas)}},
+        }
+    responses = {
+        str(status): _answer(answer, schemas) for status, answer in operation.answers.items()
+    }
+    for status in operation.errors:
+        responses[str(status)] = _answer(Answer(_ERRORS[status], ErrorBody), schemas)
+    described["responses"] = responses
+    return described
+
+
+def _answer(answer: Answer, schemas: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object"} if answer.model is None else _component(answer.model, schemas)
+    described: dict[str, Any] = {
+        "description": answer.description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if answer.links:
+        # What a client (or a stateful fuzzer) can call next with this answer's id.
+        described["links"] = {
+            operation_id: {
+                "operationId": operation_id,
+                "parameters": {"id": "$response.body#/id"},
+            }
+            for operation_id in answer.links
+        }
+    return described
+
+
+def _schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    """`model`'s JSON schema; the schemas it refers to go into `schemas`."""
+    schema = model.model_json_schema(ref_template=_REF)
+    schemas.update(schema.pop("$defs", {}))
+    return schema
+
+
+def _component(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, str]:
+    schemas[model.__name__] = _schema(model, schemas)
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _parameters(
+    model: type[BaseModel], location: str, schemas: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One parameter per field of `model`, in `location` (path or query)."""
+    schema = _schema(model, schemas)
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field_schema in schema["properties"].items():
+        value_schema = _present(field_schema)
+        value_schema.pop("title", None)
+        parameter: dict[str, Any] = {
+            "name": name,
+            "in": location,
+            "required": name in required,
+        }
+        description = value_schema.pop("description", None)
+        if description is not None:
+            parameter["description"] = description
+        parameter["schema"] = value_schema
+        parameters.append(parameter)
+    return parameters
+
+
+def _present(field_schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema of a parameter's value when it is sent. An optional field (`X | None`) is
+    an optional parameter: absent when not sent, never null, so the null branch goes."""
+    variants = field_schema.get("anyOf")
+    if variants is None:
+        return dict(field_schema)
+    rest = {k: v for k, v in field_schema.items() if k != "anyOf" and (k, v) != ("default", None)}
+    kept = [variant for variant in variants if variant != {"type": "null"}]
+    return {**kept[0], **rest} if len(kept) == 1 else {"anyOf": kept, **rest}

@@ -1,25 +1,141 @@
-"""The API's shapes: request validation and the OpenAPI document come from these models.
+"""The API's shapes and every limit it enforces, each defined once.
 
-The create body is validated by `SubscriptionCreate` itself (strict types, unknown fields
-refused), and the same model's JSON schema is what /openapi.json publishes, so the document
-cannot drift from what the API accepts. Response models document what the API sends; tests
-validate real responses against them.
+Requests are validated by these models (the create body, the list query, the path id) and
+/openapi.json publishes the same models' JSON schemas, so the document cannot drift from what
+the API accepts. Each limit is a constant here that validation, error messages and the
+document all read. Response models document what the API sends; tests validate real
+responses against them. No HTTP here: the routes turn validation errors into answers.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    StringConstraints,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
-GENERATION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
-METADATA_MAX_BYTES = 4096
+from relay.addresses import MAX_URL_CHARS
+from relay.models import SubscriptionStatus
+
+# --- Limits ---------------------------------------------------------------------------------
+
 BODY_MAX_BYTES = 64 * 1024
+METADATA_MAX_BYTES = 4 * 1024
+# The URL rule's own module (pure, also used at delivery time) holds the character limit.
+CALLBACK_URL_MAX_CHARS = MAX_URL_CHARS
+# Indexed for idempotency, and an index row has a size limit: the bytes are bounded too.
+CALLBACK_URL_MAX_BYTES = 2048
+GENERATION_ID_MAX_CHARS = 128
+LIST_LIMIT_MIN = 1
+LIST_LIMIT_MAX = 500
+LIST_LIMIT_DEFAULT = 50
+
+# One id rule for the create body and the list query: characters safe in an upstream URL
+# path, and at least one that is not a dot, so "." and ".." cannot change the path polled.
+# No lookahead, so every regex dialect (JSON Schema's, test generators') reads it alike;
+# the length is the schema's minLength and maxLength.
+GENERATION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$"
+GENERATION_ID_RULE = (
+    f"must be 1-{GENERATION_ID_MAX_CHARS} characters of A-Z a-z 0-9 _ . : -, not only dots"
+)
+# `sub_` + 26 Crockford base32 characters (ids.py): what every subscription id looks like.
+SUBSCRIPTION_ID_PATTERN = r"^sub_[0-9A-HJKMNP-TV-Z]{26}$"
+SUBSCRIPTION_ID_RULE = "must be a subscription id (sub_ and 26 characters of Crockford base32)"
+
+
+@dataclass(frozen=True)
+class Matches:
+    """A string constraint whose failure says `rule`, published as the schema's `pattern`.
+
+    pydantic's own pattern error quotes the regex; a client is better served by the rule in
+    words. The regex is matched whole (`fullmatch`), as JSON Schema's anchored patterns are.
+    """
+
+    pattern: str
+    rule: str
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        regex = re.compile(self.pattern)
+        rule = self.rule
+
+        def check(value: str) -> str:
+            if regex.fullmatch(value) is None:
+                raise PydanticCustomError("pattern_mismatch", rule)
+            return value
+
+        return core_schema.no_info_after_validator_function(check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        json_schema["pattern"] = self.pattern
+        return json_schema
+
+
+def _utf8_within_limit(url: str) -> str:
+    if len(url.encode()) > CALLBACK_URL_MAX_BYTES:
+        raise PydanticCustomError(
+            "too_many_bytes", f"must be at most {CALLBACK_URL_MAX_BYTES} bytes as UTF-8"
+        )
+    return url
+
+
+def _metadata_within_limit(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    if metadata is not None and len(orjson.dumps(metadata)) > METADATA_MAX_BYTES:
+        raise PydanticCustomError(
+            "too_large", f"must be at most {METADATA_MAX_BYTES // 1024} KiB when serialized"
+        )
+    return metadata
+
+
+def _list_limit(value: Any) -> Any:
+    """Query values are text: only plain ASCII digits are a number (not " 5", "5.0", "²")."""
+    if isinstance(value, str):
+        if re.fullmatch(r"[0-9]{1,6}", value) is None or not (
+            LIST_LIMIT_MIN <= int(value) <= LIST_LIMIT_MAX
+        ):
+            raise PydanticCustomError(
+                "list_limit", f"must be a whole number from {LIST_LIMIT_MIN} to {LIST_LIMIT_MAX}"
+            )
+        return int(value)
+    return value
+
 
 GenerationId = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=GENERATION_ID_PATTERN)
+    str,
+    StringConstraints(min_length=1, max_length=GENERATION_ID_MAX_CHARS),
+    Matches(GENERATION_ID_PATTERN, GENERATION_ID_RULE),
 ]
-SubscriptionStatus = Literal["active", "delivered", "failed", "canceled", "expired"]
+SubscriptionId = Annotated[str, Matches(SUBSCRIPTION_ID_PATTERN, SUBSCRIPTION_ID_RULE)]
+CallbackUrl = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=CALLBACK_URL_MAX_CHARS),
+    AfterValidator(_utf8_within_limit),
+]
+# A BeforeValidator wraps what stands left of it: written last, the text check runs first and
+# the range stays in the schema as minimum and maximum.
+ListLimit = Annotated[
+    int, Field(ge=LIST_LIMIT_MIN, le=LIST_LIMIT_MAX), BeforeValidator(_list_limit)
+]
+
+
+# --- Requests -------------------------------------------------------------------------------
 
 
 class SubscriptionCreate(BaseModel):
@@ -28,26 +144,62 @@ class SubscriptionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     generation_id: GenerationId = Field(
-        description="The upstream generation id: 1-128 characters from A-Z a-z 0-9 _ . : -",
+        description=f"The upstream generation id: {GENERATION_ID_RULE}.",
         examples=["gen_123"],
     )
-    callback_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
+    callback_url: CallbackUrl = Field(
         description=(
-            "Absolute http(s) URL, at most 2048 characters, no user:password part. Unless the "
+            f"Absolute http(s) URL, at most {CALLBACK_URL_MAX_CHARS} characters (and "
+            f"{CALLBACK_URL_MAX_BYTES} bytes as UTF-8), no user:password part. Unless the "
             "operator allows private callbacks, it must not be, or resolve to, a loopback, "
             "private, link-local, unique-local, multicast, unspecified or reserved address."
         ),
-        examples=["https://app.example.com/hooks/gen"],
+        # A literal public address: the example works where no DNS answers.
+        examples=["https://93.184.216.34/hooks/gen"],
     )
-    metadata: dict[str, Any] | None = Field(
+    metadata: Annotated[dict[str, Any] | None, AfterValidator(_metadata_within_limit)] = Field(
         default=None,
-        description="Any JSON object, at most 4 KiB serialized; stored and shown back.",
+        description=(
+            f"Any JSON object, at most {METADATA_MAX_BYTES // 1024} KiB serialized; "
+            "stored and shown back."
+        ),
         examples=[{"order": 42}],
     )
 
 
+class SubscriptionListQuery(BaseModel):
+    """The list's query parameters. An empty value is a value (refused where the schema says
+    so), not an absent parameter; parameters this API does not know are ignored."""
+
+    status: SubscriptionStatus | None = Field(
+        default=None, description="Only subscriptions with this status."
+    )
+    generation_id: GenerationId | None = Field(
+        default=None, description="Only subscriptions of this generation."
+    )
+    limit: ListLimit = Field(
+        default=LIST_LIMIT_DEFAULT, description="The most subscriptions on one page."
+    )
+    cursor: SubscriptionId | None = Field(
+        default=None,
+        description=(
+            "The `next_cursor` of the previous page: the id of that page's last "
+            "subscription; the page goes on with older subscriptions."
+        ),
+    )
+
+
+class SubscriptionPath(BaseModel):
+    """The path of one subscription; an id not of this form is 404 (no such subscription)."""
+
+    id: SubscriptionId
+
+
+# --- Responses ------------------------------------------------------------------------------
+
+
 class Subscription(BaseModel):
-    id: str = Field(examples=["sub_01JDQ8Z8X7C1M5G1Q2W3E4R5T6"])
+    id: SubscriptionId = Field(examples=["sub_01JDQ8Z8X7C1M5G1Q2W3E4R5T6"])
     generation_id: str
     callback_url: str
     metadata: dict[str, Any] | None
@@ -62,7 +214,9 @@ class Subscription(BaseModel):
 
 class SubscriptionList(BaseModel):
     items: list[Subscription]
-    next_cursor: str | None
+    next_cursor: SubscriptionId | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class Attempt(BaseModel):
@@ -84,18 +238,21 @@ class ErrorDetail(BaseModel):
     message: str
 
 
+ErrorCode = Literal[
+    "invalid_json",
+    "unauthorized",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "payload_too_large",
+    "validation_error",
+    "rate_limited",
+    "unavailable",
+]
+
+
 class ErrorInfo(BaseModel):
-    code: Literal[
-        "invalid_json",
-        "unauthorized",
-        "not_found",
-        "method_not_allowed",
-        "conflict",
-        "payload_too_large",
-        "validation_error",
-        "rate_limited",
-        "unavailable",
-    ]
+    code: ErrorCode
     message: str
     details: list[ErrorDetail] | None = None
 
