@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from relay.fakeupstream import (
+from relay.simulator import (
     FakeUpstream,
     FakeUpstreamConfig,
     FaultSettings,
