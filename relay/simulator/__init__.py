@@ -10,8 +10,11 @@ Owns everything `relay fake-upstream`, the tests and the benchmarks need from a 
   lower-case vocabulary;
 - faults: 5xx, 429 with or without `Retry-After`, latency, hangs, malformed bodies, 401/403 and
   unknown or not-yet-visible ids, globally or per generation;
-- counters: every poll of every id (known or not) with its wall-clock time, readable under
-  `/_fake/` so tests can count what relay did.
+- the running list, newest first, without generations "of another workspace" (a spec's
+  `"workspace": "other"`: readable by id, never listed), or missing altogether
+  (`running_list_status` 404/405/501 in the faults);
+- counters: every poll of every id (known or not) with its wall-clock time, and list calls
+  apart, readable under `/_fake/` so tests can count what relay did.
 
 It must not import relay modules outside `relay.simulator`, touch a database, or read the
 environment other than through `FakeUpstreamConfig.from_env(environ)`.
@@ -19,12 +22,13 @@ environment other than through `FakeUpstreamConfig.from_env(environ)`.
 Rooms: `config` (settings and their validation), `families` (model families, status words),
 `model` (one generation: lifecycle and bodies), `specs` (generation specs), `answers`
 (prepared HTTP answers), `state` (FakeUpstream: generations, counters, create/finish),
-`polls` (the fast GET path and request faults), `creates` (the upstream's create routes),
+`polls` (polls and request faults), `running` (the running list), `creates` (the upstream's create routes),
 `control` (the /_fake/ API and its JSON shapes), `app` (wiring), `runner` (uvicorn).
 
 HTTP surface (JSON shapes of the control API in `relay.simulator.control`):
 
     GET  /v1/generation/{id}                    poll (bearer checked, faults applied)
+    GET  /v1/generations/running?limit=N        queued and running, newest first (same checks)
     POST /v1/generation/{provider}/{model...}   create from a model path (bearer checked)
     POST /_fake/generations                     create a scripted generation
     POST /_fake/generations/bulk                create many

@@ -16,6 +16,12 @@ from relay.simulator.errors import InvalidSpec
 
 AuthMode = Literal["ok", "401", "403"]
 _RATE_KEYS: Final = ("hang_rate", "error_rate", "rate_limit_rate", "malformed_rate")
+# Settings that take one of a few values, and the numbers that may also be null.
+_CHOICES: Final[Mapping[str, tuple[object, ...]]] = {
+    "auth_mode": ("ok", "401", "403"),
+    "running_list_status": (None, 404, 405, 501),
+}
+_OPTIONAL: Final = frozenset(["retry_after_s"])
 _T = TypeVar("_T")
 
 
@@ -34,10 +40,11 @@ def check_number(
 
 @dataclass(slots=True)
 class FaultSettings:
-    """Faults applied to polls; rates are fractions of polls, drawn from the seeded RNG.
+    """Faults applied to upstream GETs (polls and the running list); rates are fractions of
+    requests, drawn from the seeded RNG.
 
-    One uniform draw per poll picks at most one of hang, error, rate limit, malformed, in that
-    order of thresholds. Latency is added to every poll, before the auth check.
+    One uniform draw per request picks at most one of hang, error, rate limit, malformed, in
+    that order of thresholds. Latency is added to every request, before the auth check.
     """
 
     error_rate: float = 0.0  # answered 500, 502 (an HTML body, as proxies send) or 503
@@ -48,6 +55,8 @@ class FaultSettings:
     hang_s: float = 3600.0
     malformed_rate: float = 0.0  # answered 200 with invalid JSON or a JSON non-object
     auth_mode: AuthMode = "ok"  # "401"/"403": every upstream request gets that answer
+    # 404/405/501: GET /v1/generations/running answers that, as an upstream without it would
+    running_list_status: int | None = None
 
     @staticmethod
     def validate_changes(changes: object) -> dict[str, Any]:
@@ -59,12 +68,13 @@ class FaultSettings:
         for key, value in changes.items():
             if key not in known:
                 raise InvalidSpec(f"unknown fault setting {key!r}; known: {sorted(known)}")
-            if key == "auth_mode":
-                if value not in ("ok", "401", "403"):
-                    raise InvalidSpec(f'auth_mode must be "ok", "401" or "403", got {value!r}')
+            choices = _CHOICES.get(key)
+            if choices is not None:
+                if isinstance(value, bool) or value not in choices:
+                    raise InvalidSpec(f"{key} must be one of {list(choices)}, got {value!r}")
                 checked[key] = value
-            elif key == "retry_after_s":
-                checked[key] = None if value is None else check_number(key, value)
+            elif value is None and key in _OPTIONAL:
+                checked[key] = None
             elif key.endswith("_rate"):
                 checked[key] = check_number(key, value, maximum=1.0)
             else:

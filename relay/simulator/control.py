@@ -14,8 +14,8 @@ JSON shapes (errors are `{"error": <code>, "message": <text>}` with 400, 404 or 
   "final_at"}`; also for ids that do not exist (`status`/`final_at` null). `final_at` is
   the scheduled time, in the future while not final.
 - `GET /_fake/stats` -> `{"polls", "unknown_id_polls", "by_status_code": {"200": n, ...},
-  "faults": {"hang", "error", "rate_limit", "malformed"}, "generations": {"total",
-  <status>: n, ...}}`.
+  "list_total", "list_by_status_code": {...}, "faults": {"hang", "error", "rate_limit",
+  "malformed"}, "generations": {"total", <status>: n, ...}}`. List calls are not polls.
 - `POST /_fake/reset` optional `{"generations": bool, "faults": bool}` -> 200; clears poll
   counters and stats always, releases hung polls, and optionally drops every generation
   or restores the configured faults.

@@ -46,6 +46,7 @@ class Generation:
     answers: list[Answer | None] = field(default_factory=lambda: [None, None, None])
     faults_cache: FaultSettings | None = None
     faults_cache_version: int = -1
+    other_workspace: bool = False  # readable by id; never listed, sends no webhooks
 
     def phase_at(self, now_mono: float) -> int:
         """QUEUED (0), RUNNING (1) or FINAL (2) at `now_mono`."""

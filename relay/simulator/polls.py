@@ -1,10 +1,8 @@
-"""The hot path of the upstream surface: GET /v1/generation/{id}, answered by a small ASGI
-middleware ahead of Starlette's router, and the request faults (latency, auth, hang, 5xx,
+"""The hot path of the upstream surface: GET /v1/generation/{id} (raw ASGI, dispatched by
+`app.UpstreamFastPath`), the bearer check, and the request faults (latency, auth, hang, 5xx,
 429, malformed) that every upstream GET goes through.
 
-A middleware rather than a Route so a poll costs no routing, Request or Response objects; it
-still sits inside Starlette's ServerErrorMiddleware. It must not build bodies (generations
-cache their own) or change generations.
+It must not build bodies (generations cache their own) or change generations.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from relay.simulator.answers import (
     FORBIDDEN,
@@ -124,23 +122,3 @@ async def poll(sim: FakeUpstream, gen_id: str, scope: Scope, receive: Receive, s
             prepared = gen.answer(gen.phase_at(now))
     sim.by_status_code[prepared[0]] = sim.by_status_code.get(prepared[0], 0) + 1
     await send_answer(send, prepared)
-
-
-class UpstreamFastPath:
-    """Answers the upstream's GETs ahead of Starlette's router: the benchmarks' hot path."""
-
-    __slots__ = ("app", "sim")
-
-    def __init__(self, app: ASGIApp, sim: FakeUpstream) -> None:
-        self.app = app
-        self.sim = sim
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
-            path: str = scope["path"]
-            if path.startswith(POLL_PREFIX):
-                gen_id = path[len(POLL_PREFIX) :]
-                if gen_id and "/" not in gen_id:
-                    await poll(self.sim, gen_id, scope, receive, send)
-                    return
-        await self.app(scope, receive, send)

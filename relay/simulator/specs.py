@@ -28,8 +28,10 @@ SPEC_KEYS: Final = frozenset(
         "input",
         "code",
         "message",
+        "workspace",
     ]
 )
+WORKSPACES: Final = ("own", "other")
 
 
 def check_spec(raw: object) -> dict[str, Any]:
@@ -63,6 +65,8 @@ def check_spec(raw: object) -> dict[str, Any]:
         spec["faults"] = FaultSettings.validate_changes(spec["faults"])
     if "input" in spec and not isinstance(spec["input"], Mapping):
         raise InvalidSpec("input must be a JSON object")
+    if spec.get("workspace", "own") not in WORKSPACES:
+        raise InvalidSpec(f"workspace must be one of {list(WORKSPACES)}")
     for key in ("code", "message"):
         if key in spec and not isinstance(spec[key], str):
             raise InvalidSpec(f"{key} must be a string")

@@ -30,7 +30,12 @@ from relay.simulator.families import (
 )
 from relay.simulator.model import FINAL, Generation
 from relay.simulator.polls import BearerCheck
+from relay.simulator.running import RunningIndex
 from relay.simulator.specs import check_spec
+
+
+def _by_code(counts: dict[int, int]) -> dict[str, int]:
+    return {str(code): n for code, n in sorted(counts.items())}
 
 
 class FakeUpstream:
@@ -44,6 +49,7 @@ class FakeUpstream:
         self.faults = dataclasses.replace(self.config.faults)
         self.faults_version = 0
         self.generations: dict[str, Generation] = {}
+        self.running = RunningIndex()
         # Separate streams so that, e.g., turning faults on does not change the ids drawn.
         self._id_rng = random.Random(f"{self.config.seed}:ids")
         self._lifecycle_rng = random.Random(f"{self.config.seed}:lifecycle")
@@ -60,6 +66,8 @@ class FakeUpstream:
         self.poll_total = 0
         self.unknown_id_polls = 0
         self.by_status_code: dict[int, int] = {}
+        self.list_total = 0  # GET /v1/generations/running calls, apart from polls
+        self.list_by_status_code: dict[int, int] = {}
         self.fault_counts = {"hang": 0, "error": 0, "rate_limit": 0, "malformed": 0}
 
     def record_poll(self, gen_id: str) -> Generation | None:
@@ -101,7 +109,9 @@ class FakeUpstream:
         return {
             "polls": self.poll_total,
             "unknown_id_polls": self.unknown_id_polls,
-            "by_status_code": {str(k): v for k, v in sorted(self.by_status_code.items())},
+            "by_status_code": _by_code(self.by_status_code),
+            "list_total": self.list_total,
+            "list_by_status_code": _by_code(self.list_by_status_code),
             "faults": dict(self.fault_counts),
             "generations": {"total": len(self.generations), **by_status},
         }
@@ -112,6 +122,7 @@ class FakeUpstream:
         self.release_hangs()
         if generations:
             self.generations.clear()
+            self.running.clear()
         if faults:
             self.set_faults(self.config.faults)
 
@@ -175,6 +186,7 @@ class FakeUpstream:
         code: str | None = None,
         message: str | None = None,
         model: str | None = None,
+        workspace: str = "own",
     ) -> Generation:
         """Create a scripted generation; raises InvalidSpec (DuplicateId) on a bad spec.
 
@@ -183,6 +195,7 @@ class FakeUpstream:
         `queue_s` if given, else a fifth of it. `not_found_for_s`: polls answer 404 for this
         long after creation (eventual consistency). `faults` overrides the global settings
         for this id. `code`/`message` are used if it ends FAILED (drawn when omitted).
+        `workspace` "other": readable by id, never in the running list, no webhooks.
         """
         arguments = dict(locals())
         del arguments["self"], arguments["model"]
@@ -240,8 +253,10 @@ class FakeUpstream:
             fault_overrides=spec.get("faults") or None,
             code=code,
             message=message,
+            other_workspace=spec.get("workspace") == "other",
         )
         self.generations[gen_id] = gen
+        self.running.add(gen)
         return gen
 
     def finish(self, gen_id: str, status: FinalStatus | None = None) -> Generation:
