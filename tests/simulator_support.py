@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import pytest
 
 from relay.simulator import FakeUpstream, FakeUpstreamConfig
 from tests.servers import serve_in_thread
@@ -29,11 +30,32 @@ def serve_simulator(**config: Any) -> Iterator[tuple[FakeUpstream, str]]:
 
 @contextlib.asynccontextmanager
 async def reset_client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A client with the bearer key, after resetting generations and faults."""
+    """A client with the bearer key, after resetting generations, faults and webhooks."""
     async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=5) as http:
-        reset = await http.post("/_fake/reset", json={"generations": True, "faults": True})
+        reset = await http.post(
+            "/_fake/reset", json={"generations": True, "faults": True, "webhooks": True}
+        )
         assert reset.status_code == 200, reset.text
         yield http
+
+
+def simulator_fixtures(**config: Any) -> tuple[Any, Any]:
+    """Fixtures `served` (one simulator for the module: its state and URL) and `client` (a
+    reset client for each test); assign them to those names in the test module."""
+
+    @pytest.fixture(scope="module", name="served")
+    def served_fixture() -> Iterator[tuple[FakeUpstream, str]]:
+        with serve_simulator(**config) as served:
+            yield served
+
+    @pytest.fixture(name="client")
+    async def client_fixture(
+        served: tuple[FakeUpstream, str],
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        async with reset_client(served[1]) as http:
+            yield http
+
+    return served_fixture, client_fixture
 
 
 async def create(client: httpx.AsyncClient, **spec: Any) -> dict[str, Any]:

@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
 from relay.simulator import FakeUpstream
-from tests.simulator_support import create, reset_client, serve_simulator, set_faults, stats
+from tests.simulator_support import (
+    create,
+    set_faults,
+    simulator_fixtures,
+    stats,
+)
 
 RUNNING = "/v1/generations/running"
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[FakeUpstream, str]]:
-    with serve_simulator() as served:
-        yield served
-
-
-@pytest.fixture
-async def client(served: tuple[FakeUpstream, str]) -> AsyncIterator[httpx.AsyncClient]:
-    async with reset_client(served[1]) as http:
-        yield http
+served, client = simulator_fixtures()
 
 
 async def listed(client: httpx.AsyncClient, query: str = "") -> list[dict[str, object]]:

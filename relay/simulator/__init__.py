@@ -13,6 +13,10 @@ Owns everything `relay fake-upstream`, the tests and the benchmarks need from a 
 - the running list, newest first, without generations "of another workspace" (a spec's
   `"workspace": "other"`: readable by id, never listed), or missing altogether
   (`running_list_status` 404/405/501 in the faults);
+- signed workspace webhooks (`task.created`, `task.started`, `task.completed`, `task.failed`,
+  `task.canceled`, Standard Webhooks headers, several secrets) to a configured URL, with
+  seeded loss, duplicates, delay and jitter, bad signatures, an event filter and a
+  selectable place for the generation id (`webhook_settings` lists the knobs);
 - counters: every poll of every id (known or not) with its wall-clock time, and list calls
   apart, readable under `/_fake/` so tests can count what relay did.
 
@@ -22,7 +26,8 @@ environment other than through `FakeUpstreamConfig.from_env(environ)`.
 Rooms: `config` (settings and their validation), `families` (model families, status words),
 `model` (one generation: lifecycle and bodies), `specs` (generation specs), `answers`
 (prepared HTTP answers), `state` (FakeUpstream: generations, counters, create/finish),
-`polls` (polls and request faults), `running` (the running list), `creates` (the upstream's create routes),
+`polls` (polls and request faults), `running` (the running list), `timers` (the one timer heap), `watch` (phase
+changes as they happen), `webhook_settings` and `webhooks` (the workspace webhooks), `creates` (the upstream's create routes),
 `control` (the /_fake/ API and its JSON shapes), `app` (wiring), `runner` (uvicorn).
 
 HTTP surface (JSON shapes of the control API in `relay.simulator.control`):
@@ -37,6 +42,7 @@ HTTP surface (JSON shapes of the control API in `relay.simulator.control`):
     GET  /_fake/stats                           totals
     POST /_fake/reset                           clear counters (optionally generations, faults)
     GET  /_fake/faults, PUT /_fake/faults       global fault settings
+    GET  /_fake/webhooks, PUT /_fake/webhooks   webhook settings ("url": null turns them off)
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ routes come from.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
 from starlette.applications import Starlette
@@ -55,7 +57,18 @@ class UpstreamFastPath:
 
 def build_app(sim: FakeUpstream) -> Starlette:
     """The app serving `sim`; `app.state.fake_upstream` is `sim`."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sim.timers.start()
+        try:
+            yield
+        finally:
+            await sim.webhooks.close()
+            await sim.timers.stop()
+
     app = Starlette(
+        lifespan=lifespan,
         # GET /v1/generation/{id} and /v1/generations/running: UpstreamFastPath, before routing.
         routes=[*create_routes(sim), *control_routes(sim)],
         exception_handlers={

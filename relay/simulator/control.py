@@ -16,11 +16,16 @@ JSON shapes (errors are `{"error": <code>, "message": <text>}` with 400, 404 or 
 - `GET /_fake/stats` -> `{"polls", "unknown_id_polls", "by_status_code": {"200": n, ...},
   "list_total", "list_by_status_code": {...}, "faults": {"hang", "error", "rate_limit",
   "malformed"}, "generations": {"total", <status>: n, ...}}`. List calls are not polls.
-- `POST /_fake/reset` optional `{"generations": bool, "faults": bool}` -> 200; clears poll
-  counters and stats always, releases hung polls, and optionally drops every generation
-  or restores the configured faults.
+- `POST /_fake/reset` optional `{"generations": bool, "faults": bool, "webhooks": bool}` ->
+  200; clears counters and stats always, releases hung polls, and optionally drops every
+  generation (ending its SSE streams and every pending timer), restores the configured
+  faults, or turns webhooks off.
 - `GET /_fake/faults` -> the FaultSettings as JSON; `PUT /_fake/faults` with some of its
   keys -> 200 with the merged settings.
+- `GET /_fake/webhooks` -> the WebhookSettings as JSON (see `webhook_settings`);
+  `PUT /_fake/webhooks` with some of its keys -> 200 with the merged settings; `"url": null`
+  turns them off. Stats carry `"webhooks": {"events", "sent", "delivered", "failed",
+  "lost", "duplicated", "bad_signature", "filtered", "queued"}` and `"timers"` (pending).
 
 It must not implement the upstream surface (polls, creates) nor hold state of its own.
 """
@@ -42,6 +47,9 @@ from relay.simulator.errors import (
 )
 from relay.simulator.model import FINAL, Generation
 from relay.simulator.specs import check_spec
+from relay.simulator.webhook_settings import WEBHOOK_KEYS
+
+WEBHOOK_USAGE = f"the body must be a JSON object with some of {list(WEBHOOK_KEYS)}"
 
 if TYPE_CHECKING:
     from relay.simulator.state import FakeUpstream
@@ -134,13 +142,18 @@ def control_routes(sim: FakeUpstream) -> list[Route]:
         return json_response(sim.stats())
 
     async def reset(request: Request) -> Response:
-        flags = {"generations", "faults"}
-        usage = 'the body must be {"generations": bool, "faults": bool} or empty'
+        flags = {"generations", "faults", "webhooks"}
+        usage = 'the body must be {"generations": bool, "faults": bool, "webhooks": bool} or empty'
         body = await read_object(request, flags, usage)
         if not all(isinstance(v, bool) for v in body.values()):
             raise InvalidSpec(usage)
         sim.reset(**body)
         return json_response({"reset": {"polls": True, **{k: body.get(k, False) for k in flags}}})
+
+    async def webhooks(request: Request) -> Response:
+        if request.method == "PUT":
+            sim.update_webhooks(await read_object(request, set(WEBHOOK_KEYS), WEBHOOK_USAGE))
+        return json_response(sim.webhooks.settings.to_json())
 
     async def faults(request: Request) -> Response:
         if request.method == "PUT":
@@ -159,4 +172,5 @@ def control_routes(sim: FakeUpstream) -> list[Route]:
         Route("/_fake/stats", stats, methods=["GET"]),
         Route("/_fake/reset", reset, methods=["POST"]),
         Route("/_fake/faults", faults, methods=["GET", "PUT"]),
+        Route("/_fake/webhooks", webhooks, methods=["GET", "PUT"]),
     ]

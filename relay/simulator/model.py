@@ -9,6 +9,7 @@ It must not draw random numbers, know about HTTP requests, or reach other genera
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class Generation:
     faults_cache: FaultSettings | None = None
     faults_cache_version: int = -1
     other_workspace: bool = False  # readable by id; never listed, sends no webhooks
+    check_due: float = math.inf  # the phase check booked in the Timers heap (PhaseWatch)
+    hooked_phase: int = -1  # the last phase whose webhook event was emitted
+    watchers: list[asyncio.Future[None]] | None = None  # SSE streams waiting for a change
 
     def phase_at(self, now_mono: float) -> int:
         """QUEUED (0), RUNNING (1) or FINAL (2) at `now_mono`."""

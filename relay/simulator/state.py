@@ -32,6 +32,10 @@ from relay.simulator.model import FINAL, Generation
 from relay.simulator.polls import BearerCheck
 from relay.simulator.running import RunningIndex
 from relay.simulator.specs import check_spec
+from relay.simulator.timers import Timers
+from relay.simulator.watch import PhaseWatch
+from relay.simulator.webhook_settings import WebhookSettings
+from relay.simulator.webhooks import WebhookEmitter
 
 
 def _by_code(counts: dict[int, int]) -> dict[str, int]:
@@ -50,6 +54,9 @@ class FakeUpstream:
         self.faults_version = 0
         self.generations: dict[str, Generation] = {}
         self.running = RunningIndex()
+        self.timers = Timers()  # started and stopped by the app's lifespan
+        self.webhooks = WebhookEmitter(self.timers, self.config.seed)
+        self.watch = PhaseWatch(self.timers, self.webhooks)
         # Separate streams so that, e.g., turning faults on does not change the ids drawn.
         self._id_rng = random.Random(f"{self.config.seed}:ids")
         self._lifecycle_rng = random.Random(f"{self.config.seed}:lifecycle")
@@ -113,23 +120,52 @@ class FakeUpstream:
             "list_total": self.list_total,
             "list_by_status_code": _by_code(self.list_by_status_code),
             "faults": dict(self.fault_counts),
+            "webhooks": self.webhooks.stats(),
+            "timers": len(self.timers),
             "generations": {"total": len(self.generations), **by_status},
         }
 
-    def reset(self, *, generations: bool = False, faults: bool = False) -> None:
-        """Clear poll counters and stats; release hung polls; optionally more."""
+    def reset(
+        self, *, generations: bool = False, faults: bool = False, webhooks: bool = False
+    ) -> None:
+        """Clear counters and stats; release hung polls; optionally drop every generation
+        (ending their SSE streams and every pending timer), restore the configured faults,
+        or turn webhooks off."""
         self._reset_counters()
+        self.webhooks.reset_counters()
         self.release_hangs()
         if generations:
+            self.watch.release_all(list(self.generations.values()))
+            self.timers.clear()
             self.generations.clear()
             self.running.clear()
         if faults:
             self.set_faults(self.config.faults)
+        if webhooks:
+            self.webhooks.configure(WebhookSettings())
 
     def release_hangs(self) -> None:
         """Let every poll held by a hang fault answer now."""
         self.hangs_released.set()
         self.hangs_released = asyncio.Event()
+
+    # -- webhooks ------------------------------------------------------------------------------
+
+    def update_webhooks(self, changes: Mapping[str, Any]) -> WebhookSettings:
+        """Apply a partial mapping (the JSON of PUT /_fake/webhooks); raises InvalidSpec.
+
+        Turning them on books the next phase change of every own-workspace generation that
+        is not final yet; phases already reached send nothing.
+        """
+        was_on = self.webhooks.on
+        self.webhooks.configure(self.webhooks.settings.merged(changes))
+        if self.webhooks.on and not was_on:
+            now = time.monotonic()
+            for gen in self.generations.values():
+                if self.webhooks.wants(gen):
+                    gen.hooked_phase = gen.phase_at(now)
+                    self.watch.track(gen, now)
+        return self.webhooks.settings
 
     # -- faults --------------------------------------------------------------------------------
 
@@ -257,6 +293,9 @@ class FakeUpstream:
         )
         self.generations[gen_id] = gen
         self.running.add(gen)
+        if self.webhooks.wants(gen):
+            self.webhooks.reached(gen, gen.phase_at(now))
+            self.watch.track(gen, now)
         return gen
 
     def finish(self, gen_id: str, status: FinalStatus | None = None) -> Generation:
@@ -284,4 +323,5 @@ class FakeUpstream:
         gen.started_mono = min(gen.started_mono, now)
         gen.not_found_until_mono = min(gen.not_found_until_mono, now)
         gen.answers[FINAL] = None  # the final body carries the final time
+        self.watch.changed(gen)
         return gen
