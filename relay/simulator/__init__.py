@@ -17,8 +17,12 @@ Owns everything `relay fake-upstream`, the tests and the benchmarks need from a 
   `task.canceled`, Standard Webhooks headers, several secrets) to a configured URL, with
   seeded loss, duplicates, delay and jitter, bad signatures, an event filter and a
   selectable place for the generation id (`webhook_settings` lists the knobs);
-- counters: every poll of every id (known or not) with its wall-clock time, and list calls
-  apart, readable under `/_fake/` so tests can count what relay did.
+- creates, plain or answered as an SSE stream of status frames, JSON or multipart bodies
+  streamed (never held whole) and logged byte-exact (count, sha256); refusals (402, 422,
+  429, 500), create latency, answers without an id, and SSE streams cut after N frames or
+  seconds (all in the faults);
+- counters: every poll of every id (known or not) with its wall-clock time, list calls and
+  creates apart, readable under `/_fake/` so tests can count what relay did.
 
 It must not import relay modules outside `relay.simulator`, touch a database, or read the
 environment other than through `FakeUpstreamConfig.from_env(environ)`.
@@ -35,12 +39,14 @@ HTTP surface (JSON shapes of the control API in `relay.simulator.control`):
     GET  /v1/generation/{id}                    poll (bearer checked, faults applied)
     GET  /v1/generations/running?limit=N        queued and running, newest first (same checks)
     POST /v1/generation/{provider}/{model...}   create from a model path (bearer checked)
+    POST /v1/generation/sse/{provider}/{model...}  the same, answered as text/event-stream
     POST /_fake/generations                     create a scripted generation
     POST /_fake/generations/bulk                create many
     POST /_fake/generations/{id}/finish         make it final now
     GET  /_fake/generations/{id}/polls          poll count and times of one id
     GET  /_fake/stats                           totals
-    POST /_fake/reset                           clear counters (optionally generations, faults)
+    GET  /_fake/creates                         every create as it arrived
+    POST /_fake/reset                           clear counters (optionally generations, faults, webhooks)
     GET  /_fake/faults, PUT /_fake/faults       global fault settings
     GET  /_fake/webhooks, PUT /_fake/webhooks   webhook settings ("url": null turns them off)
 """

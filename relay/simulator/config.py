@@ -20,8 +20,10 @@ _RATE_KEYS: Final = ("hang_rate", "error_rate", "rate_limit_rate", "malformed_ra
 _CHOICES: Final[Mapping[str, tuple[object, ...]]] = {
     "auth_mode": ("ok", "401", "403"),
     "running_list_status": (None, 404, 405, 501),
+    "create_refusal": (None, 402, 422, 429, 500),
+    "create_without_id": (False, True),
 }
-_OPTIONAL: Final = frozenset(["retry_after_s"])
+_OPTIONAL: Final = frozenset(["retry_after_s", "sse_cut_after_s", "sse_cut_after_frames"])
 _T = TypeVar("_T")
 
 
@@ -57,6 +59,12 @@ class FaultSettings:
     auth_mode: AuthMode = "ok"  # "401"/"403": every upstream request gets that answer
     # 404/405/501: GET /v1/generations/running answers that, as an upstream without it would
     running_list_status: int | None = None
+    # Creates (POST /v1/generation/..., plain and SSE); random poll faults do not apply to them.
+    create_refusal: int | None = None  # 402, 422, 429 or 500 in the upstream's error shape
+    create_latency_s: float = 0.0  # added to latency_s for creates
+    create_without_id: bool = False  # a 2xx answer whose body (or first frame) has no "id"
+    sse_cut_after_frames: int | None = None  # end SSE streams after this many frames
+    sse_cut_after_s: float | None = None  # end SSE streams after this long
 
     @staticmethod
     def validate_changes(changes: object) -> dict[str, Any]:
@@ -70,11 +78,15 @@ class FaultSettings:
                 raise InvalidSpec(f"unknown fault setting {key!r}; known: {sorted(known)}")
             choices = _CHOICES.get(key)
             if choices is not None:
-                if isinstance(value, bool) or value not in choices:
+                if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
                     raise InvalidSpec(f"{key} must be one of {list(choices)}, got {value!r}")
                 checked[key] = value
             elif value is None and key in _OPTIONAL:
                 checked[key] = None
+            elif key == "sse_cut_after_frames":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise InvalidSpec(f"{key} must be null or an integer >= 1, got {value!r}")
+                checked[key] = value
             elif key.endswith("_rate"):
                 checked[key] = check_number(key, value, maximum=1.0)
             else:

@@ -14,8 +14,11 @@ JSON shapes (errors are `{"error": <code>, "message": <text>}` with 400, 404 or 
   "final_at"}`; also for ids that do not exist (`status`/`final_at` null). `final_at` is
   the scheduled time, in the future while not final.
 - `GET /_fake/stats` -> `{"polls", "unknown_id_polls", "by_status_code": {"200": n, ...},
-  "list_total", "list_by_status_code": {...}, "faults": {"hang", "error", "rate_limit",
+  "list_total", "list_by_status_code": {...}, "create_total", "faults": {"hang", "error", "rate_limit",
   "malformed"}, "generations": {"total", <status>: n, ...}}`. List calls are not polls.
+- `GET /_fake/creates` -> `{"total", "items": [{"id", "path", "content_type", "bytes",
+  "sha256", "at", "sse", "status"}, ...]}`: every create that passed the auth check, oldest
+  first (`id` null when refused).
 - `POST /_fake/reset` optional `{"generations": bool, "faults": bool, "webhooks": bool}` ->
   200; clears counters and stats always, releases hung polls, and optionally drops every
   generation (ending its SSE streams and every pending timer), restores the configured
@@ -141,6 +144,10 @@ def control_routes(sim: FakeUpstream) -> list[Route]:
     async def stats(request: Request) -> Response:
         return json_response(sim.stats())
 
+    async def creates(request: Request) -> Response:
+        items = [record.to_json() for record in sim.creates]
+        return json_response({"total": len(items), "items": items})
+
     async def reset(request: Request) -> Response:
         flags = {"generations", "faults", "webhooks"}
         usage = 'the body must be {"generations": bool, "faults": bool, "webhooks": bool} or empty'
@@ -170,6 +177,7 @@ def control_routes(sim: FakeUpstream) -> list[Route]:
         Route("/_fake/generations/{id}/finish", finish, methods=["POST"]),
         Route("/_fake/generations/{id}/polls", polls, methods=["GET"]),
         Route("/_fake/stats", stats, methods=["GET"]),
+        Route("/_fake/creates", creates, methods=["GET"]),
         Route("/_fake/reset", reset, methods=["POST"]),
         Route("/_fake/faults", faults, methods=["GET", "PUT"]),
         Route("/_fake/webhooks", webhooks, methods=["GET", "PUT"]),

@@ -14,7 +14,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.simulator.config import FakeUpstreamConfig, FaultSettings
 from relay.simulator.errors import AlreadyFinal, DuplicateId, InvalidSpec, UnknownGeneration
@@ -36,6 +36,9 @@ from relay.simulator.timers import Timers
 from relay.simulator.watch import PhaseWatch
 from relay.simulator.webhook_settings import WebhookSettings
 from relay.simulator.webhooks import WebhookEmitter
+
+if TYPE_CHECKING:
+    from relay.simulator.creates import CreateRecord
 
 
 def _by_code(counts: dict[int, int]) -> dict[str, int]:
@@ -75,6 +78,7 @@ class FakeUpstream:
         self.by_status_code: dict[int, int] = {}
         self.list_total = 0  # GET /v1/generations/running calls, apart from polls
         self.list_by_status_code: dict[int, int] = {}
+        self.creates: list[CreateRecord] = []  # every create that passed the auth check
         self.fault_counts = {"hang": 0, "error": 0, "rate_limit": 0, "malformed": 0}
 
     def record_poll(self, gen_id: str) -> Generation | None:
@@ -119,6 +123,7 @@ class FakeUpstream:
             "by_status_code": _by_code(self.by_status_code),
             "list_total": self.list_total,
             "list_by_status_code": _by_code(self.list_by_status_code),
+            "create_total": len(self.creates),
             "faults": dict(self.fault_counts),
             "webhooks": self.webhooks.stats(),
             "timers": len(self.timers),
