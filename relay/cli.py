@@ -210,7 +210,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _fake_upstream(args: argparse.Namespace) -> None:
-    from relay.fakeupstream import FakeUpstreamConfig, run_fake_upstream
+    from relay.simulator import FakeUpstreamConfig, run_fake_upstream
 
     try:
         config = FakeUpstreamConfig.from_env(os.environ)

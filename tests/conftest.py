@@ -29,7 +29,7 @@ from bench.common import pg_admin
 from relay import migrate, store
 from relay.config import Settings
 from relay.database import Database, open_database
-from relay.fakeupstream import FakeUpstream, FakeUpstreamConfig, create_fake_upstream
+from relay.simulator import FakeUpstream, FakeUpstreamConfig, create_fake_upstream
 from tests.servers import serve_in_thread
 
 PG_ADMIN_URL = os.environ.get("RELAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

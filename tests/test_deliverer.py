@@ -32,7 +32,7 @@ from relay.app import Role, create_app
 from relay.config import Settings
 from relay.database import Database
 from relay.deliverer import EXCERPT_BYTES
-from relay.fakeupstream import FakeUpstream, FinalStatus, Generation
+from relay.simulator import FakeUpstream, FinalStatus, Generation
 from relay.store import NewKey, seeding
 from tests.conftest import (
     UPSTREAM_KEY,

@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 from relay.app import create_app
 from relay.config import Settings
 from relay.database import open_database
-from relay.fakeupstream import FakeUpstream, FinalStatus
+from relay.simulator import FakeUpstream, FinalStatus
 from tests.conftest import UPSTREAM_KEY, Receiver, fast_settings, new_key, wait_for
 from tests.servers import relay_process, serve_in_thread
 

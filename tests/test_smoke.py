@@ -7,7 +7,7 @@ import orjson
 from standardwebhooks.webhooks import Webhook
 
 from relay.app import create_app
-from relay.fakeupstream import FakeUpstream
+from relay.simulator import FakeUpstream
 from tests.conftest import Receiver, fast_settings, new_key, wait_for
 from tests.servers import serve_in_thread
 

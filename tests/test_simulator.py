@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from relay.fakeupstream import (
+from relay.simulator import (
     FakeUpstream,
     FakeUpstreamConfig,
     FaultSettings,
@@ -19,59 +18,28 @@ from relay.fakeupstream import (
     family_for_model,
 )
 from tests.servers import serve_in_thread
-
-KEY = "test-upstream-key"
-AUTH = {"authorization": f"Bearer {KEY}"}
-TIME_SCALE = 0.001  # drawn video lifecycles take 0.06-0.3 s
+from tests.simulator_support import (
+    KEY,
+    TIME_SCALE,
+    create,
+    poll_json,
+    reset_client,
+    serve_simulator,
+    set_faults,
+    statuses_until_final,
+)
 
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    upstream = FakeUpstream(FakeUpstreamConfig(api_key=KEY, seed=7, time_scale=TIME_SCALE))
-    with serve_in_thread(upstream.app) as url:
+    with serve_simulator() as (_, url):
         yield url
 
 
 @pytest.fixture
 async def client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=5) as http:
-        reset = await http.post("/_fake/reset", json={"generations": True, "faults": True})
-        assert reset.status_code == 200
+    async with reset_client(base_url) as http:
         yield http
-
-
-async def create(client: httpx.AsyncClient, **spec: Any) -> dict[str, Any]:
-    answer = await client.post("/_fake/generations", json=spec)
-    assert answer.status_code == 201, answer.text
-    created: dict[str, Any] = answer.json()
-    return created
-
-
-async def poll_json(client: httpx.AsyncClient, gen_id: str) -> dict[str, Any]:
-    answer = await client.get(f"/v1/generation/{gen_id}")
-    assert answer.status_code == 200, answer.text
-    body: dict[str, Any] = answer.json()
-    return body
-
-
-async def statuses_until_final(
-    client: httpx.AsyncClient, gen_id: str, deadline_s: float = 3.0
-) -> list[str]:
-    """Poll every 10 ms until a final status; return the distinct statuses seen, in order."""
-    seen: list[str] = []
-    async with asyncio.timeout(deadline_s):
-        while True:
-            status = (await poll_json(client, gen_id))["status"]
-            if not seen or seen[-1] != status:
-                seen.append(status)
-            if status.upper() in ("COMPLETED", "SUCCEEDED", "FAILED", "CANCELED"):
-                return seen
-            await asyncio.sleep(0.01)
-
-
-async def set_faults(client: httpx.AsyncClient, **faults: Any) -> None:
-    answer = await client.put("/_fake/faults", json=faults)
-    assert answer.status_code == 200, answer.text
 
 
 # -- lifecycle -----------------------------------------------------------------------------------
