@@ -22,11 +22,12 @@ from relay import api
 from relay.api import ApiContext
 from relay.config import Settings
 from relay.database import open_database
-from relay.deliverer import AiohttpSender, CallbackSender, Deliverer
+from relay.deliverer import Deliverer
 from relay.health import UpstreamHealth
 from relay.ids import new_id
 from relay.openapi import build_openapi
 from relay.poller import Poller
+from relay.sender import AiohttpSender, CallbackSender
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
 

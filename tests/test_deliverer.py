@@ -32,9 +32,9 @@ from relay import __version__, store
 from relay.app import Role, create_app
 from relay.config import Settings
 from relay.database import Database
-from relay.deliverer import EXCERPT_BYTES
 from relay.fakeupstream import FakeUpstream, FinalStatus, Generation
 from relay.models import deliveries, generations, subscriptions
+from relay.sender import EXCERPT_BYTES
 from relay.store import NewKey
 from tests.conftest import (
     UPSTREAM_KEY,
