@@ -13,7 +13,8 @@ DEADLINE_S = 5.0
 
 
 class Source(Drainer[int, int]):
-    """Claims ints from `due`; each item's work waits for its gate (open unless closed)."""
+    """Claims ints from `due` (the claim can be held open with `claim_gate`); each item's
+    work waits for its own gate."""
 
     def __init__(
         self, *, concurrency: int, per_round: int, close_timeout_s: float = DEADLINE_S
@@ -43,11 +44,11 @@ class Source(Drainer[int, int]):
         return self.gates.setdefault(item, asyncio.Event())
 
     async def _claim_batch(self, want: int) -> list[int]:
-        await self.claim_gate.wait()
         if self.fail_next_claim:
             self.fail_next_claim = False
             raise RuntimeError("claim failed")
         claimed, self.due = self.due[:want], self.due[want:]
+        await self.claim_gate.wait()  # the claim has read the table; its answer is on its way
         self.claims.append((want, claimed))
         return claimed
 
