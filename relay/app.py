@@ -20,12 +20,13 @@ from relay import api, probes
 from relay.api import ApiContext
 from relay.config import Settings
 from relay.database import open_database
-from relay.deliverer import AiohttpSender, CallbackSender, Deliverer
+from relay.deliverer import Deliverer
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
 from relay.openapi import with_openapi
 from relay.poller import Poller
+from relay.sender import AiohttpSender, CallbackSender
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,10 +37,19 @@ class Batcher(Generic[T, R]):
         if len(self._runners) < self._max_concurrent:
             runner = asyncio.create_task(self._run())
             self._runners.add(runner)
-            runner.add_done_callback(self._runners.discard)
+            runner.add_done_callback(self._runners.discard)  # should it never start
         return await future
 
     async def _run(self) -> None:
+        try:
+            await self._write_pending()
+        finally:
+            # Leave the set in the same step as the last look at `_pending`. A done callback
+            # would run a loop turn later: a submit in between would see this runner still
+            # counted, start none, and wait for some later submit to be written.
+            self._runners.discard(cast("asyncio.Task[None]", asyncio.current_task()))
+
+    async def _write_pending(self) -> None:
         while self._pending:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]

@@ -1,25 +1,61 @@
-"""Drains: a tick runs one drain at a time, and is never lost.
+"""Drains: claim due work in rounds, one task per item, a tick never lost, a clean close.
 
-The poller and the deliverer each drain due work from the database in rounds. A tick that
-arrives while a drain runs (a kick from new work, or the scheduler) makes that drain look
-once more when it ends, instead of being dropped: work committed after the drain's last claim
-would otherwise wait for the next scheduled tick.
+The poller and the deliverer each drain due work from the database the same way, and this
+module is that way:
+
+- `tick()` runs one drain at a time. A tick that arrives while a drain runs (a kick from new
+  work, or the scheduler) makes that drain look once more when it ends, instead of being
+  dropped: work committed after the drain's last claim would otherwise wait for the next
+  scheduled tick.
+- A drain claims while there is room: it waits for a freed slot when there is none (or too
+  few to be worth a claim while work is in flight), claims at most `min(free, per_round)`,
+  starts what it claimed, and ends when a claim comes back short (nothing more is due).
+- `close()` stops claiming, wakes a drain waiting for a slot, lets the work in flight finish
+  (up to a timeout: leases cover a crash anyway) and writes the records still batched.
+
+What is claimed, how it is started and what it does are the subclass's (`_claim_batch`,
+`_start_batch`, `_spawn`); this module knows no table, no store call and no network.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine, Hashable, Sequence
+from typing import Any, Generic, TypeVar
+
+from relay.batching import Batcher
 
 logger = logging.getLogger(__name__)
 
+CLAIM_BATCH_MAX = 200
 
-class Drainer:
-    """Base of Poller and Deliverer: `tick()` runs `_drain()` until no tick came meanwhile."""
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
-    def __init__(self) -> None:
+
+class Drainer(Generic[K, T]):
+    """Base of Poller and Deliverer: items of type T, in flight under keys of type K."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        per_round: int,
+        close_timeout_s: float,
+        records: Batcher[Any, Any],
+    ) -> None:
         self._draining = False
         self._again = False
         self._closing = False
+        self._concurrency = concurrency
+        self._per_round = per_round
+        # Claim in batches: one claim per freed slot would run the claim query per item.
+        self._min_claim = max(1, min(per_round, concurrency) // 4)
+        self._close_timeout_s = close_timeout_s
+        self._batched_records = records
+        self._in_flight: dict[K, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
 
     async def tick(self) -> None:
         if self._closing:
@@ -40,4 +76,54 @@ class Drainer:
             self._draining = False
 
     async def _drain(self) -> None:
+        while not self._closing:
+            free = self._concurrency - self._slots_taken()
+            if free <= 0 or (free < self._min_claim and self._in_flight):
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            want = min(free, self._per_round)
+            claimed = await self._claim_batch(want)
+            await self._start_batch(claimed)
+            if len(claimed) < want:
+                return
+
+    def _slots_taken(self) -> int:
+        """Slots of `concurrency` in use: those in flight, and any the subclass holds."""
+        return len(self._in_flight)
+
+    async def _claim_batch(self, want: int) -> Sequence[T]:
+        """Lease up to `want` due items."""
         raise NotImplementedError
+
+    async def _start_batch(self, claimed: Sequence[T]) -> None:
+        """Start (with `_spawn`), hold or give back each claimed item."""
+        raise NotImplementedError
+
+    def _spawn(self, key: K, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task in flight under `key`; its slot is freed when it ends."""
+        self._in_flight[key] = asyncio.create_task(self._run(key, work))
+
+    async def _run(self, key: K, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        finally:
+            self._in_flight.pop(key, None)
+            self._finished(key)
+            self._slot_freed.set()
+
+    def _finished(self, key: K) -> None:
+        """The work under `key` has ended (whatever its outcome)."""
+
+    async def _give_back_held(self) -> None:
+        """Give back what is held but not in flight, before waiting for what is."""
+
+    async def close(self) -> None:
+        """Stop claiming; let the work in flight finish; write the records still batched."""
+        self._closing = True
+        self._slot_freed.set()
+        await self._give_back_held()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._close_timeout_s)
+        await self._batched_records.drain()

@@ -6,12 +6,12 @@ each poll's outcome is recorded in its own transaction (status, final body, coun
 time and, when the generation ends, one delivery per active subscription).
 
 `plan_record` is the pure part: from the claimed row and the poll result to the row's changes.
+The claim loop, the task per poll and the close sequence are draining.py's `Drainer`.
 This module never writes SQL (store.py does) and never sends callbacks (deliverer.py does).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -24,7 +24,7 @@ from relay import store
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
-from relay.draining import Drainer
+from relay.draining import CLAIM_BATCH_MAX, Drainer
 from relay.health import UpstreamHealth
 from relay.models import EVENT_BY_FINAL_STATUS, CallbackEvent, GenerationState
 from relay.ratelimit import TokenBucket
@@ -32,8 +32,6 @@ from relay.schedule import error_gap_s, poll_gap_s
 from relay.upstream import FINAL_STATUSES, PollResult, UpstreamClient
 
 logger = logging.getLogger(__name__)
-
-CLAIM_BATCH_MAX = 200
 
 
 def notice_body(generation_id: str, code: str, message: str) -> str:
@@ -115,7 +113,7 @@ def _give_up(
     )
 
 
-class Poller(Drainer):
+class Poller(Drainer[str, store.ClaimedGeneration]):
     """Drains due polls; `tick()` is what the scheduler (or a new subscription) calls."""
 
     def __init__(
@@ -129,7 +127,14 @@ class Poller(Drainer):
         on_deliveries_queued: Callable[[], None] = lambda: None,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        super().__init__()
+        self._records: Batcher[store.PollRecord, bool] = Batcher(self._write_records)
+        super().__init__(
+            concurrency=settings.poll_concurrency,
+            # Claim no more than the rate cap lets us poll within a fraction of the lease.
+            per_round=max(1, min(CLAIM_BATCH_MAX, int(settings.upstream_max_rps))),
+            close_timeout_s=settings.upstream_timeout_s + 1,
+            records=self._records,
+        )
         self._db = db
         self._settings = settings
         self._upstream = upstream
@@ -139,37 +144,21 @@ class Poller(Drainer):
         self._on_deliveries_queued = on_deliveries_queued
         rate = settings.upstream_max_rps
         self._bucket = TokenBucket(rate, burst=max(1.0, rate))
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
-        self._records: Batcher[store.PollRecord, bool] = Batcher(self._write_records)
-        self._slot_freed = asyncio.Event()
 
     @property
     def in_flight_ids(self) -> list[str]:
         return list(self._in_flight)
 
-    async def _drain(self) -> None:
-        concurrency = self._settings.poll_concurrency
-        # Claim no more than the rate cap lets us poll within a fraction of the lease.
-        per_round = max(1, min(CLAIM_BATCH_MAX, int(self._settings.upstream_max_rps)))
-        # Claim in batches: one claim per freed slot would run the claim query once per poll.
-        min_claim = max(1, min(per_round, concurrency) // 4)
-        while not self._closing:
-            free = concurrency - len(self._in_flight)
-            if free <= 0 or (free < min_claim and self._in_flight):
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            want = min(free, per_round)
-            claimed = await store.claim_due_generations(
-                self._db, self._owner, want, self._settings.lease_s
-            )
-            for generation in claimed:
-                if generation.id in self._in_flight:
-                    continue  # our own lease ran out while polling it; the first poll records
-                task = asyncio.create_task(self._poll_one(generation))
-                self._in_flight[generation.id] = task
-            if len(claimed) < want:
-                return
+    async def _claim_batch(self, want: int) -> list[store.ClaimedGeneration]:
+        return await store.claim_due_generations(
+            self._db, self._owner, want, self._settings.lease_s
+        )
+
+    async def _start_batch(self, claimed: Sequence[store.ClaimedGeneration]) -> None:
+        for generation in claimed:
+            if generation.id in self._in_flight:
+                continue  # our own lease ran out while polling it; the first poll records
+            self._spawn(generation.id, self._poll_one(generation))
 
     async def _poll_one(self, claimed: store.ClaimedGeneration) -> None:
         try:
@@ -197,9 +186,6 @@ class Poller(Drainer):
         except Exception:
             # The lease runs out and the generation is polled again: nothing is lost.
             logger.exception("poll of generation %s failed", claimed.id)
-        finally:
-            self._in_flight.pop(claimed.id, None)
-            self._slot_freed.set()
 
     async def _write_records(self, records: Sequence[store.PollRecord]) -> list[bool]:
         return await store.record_polls(self._db, self._owner, records)
@@ -208,12 +194,3 @@ class Poller(Drainer):
         await store.renew_generation_leases(
             self._db, self._owner, self.in_flight_ids, self._settings.lease_s
         )
-
-    async def close(self) -> None:
-        """Stop claiming; let polls in flight finish (their leases cover a crash anyway)."""
-        self._closing = True
-        self._slot_freed.set()
-        tasks = list(self._in_flight.values())
-        if tasks:
-            await asyncio.wait(tasks, timeout=self._settings.upstream_timeout_s + 1)
-        await self._records.drain()
