@@ -37,14 +37,14 @@ from relay.schemas import (
     SubscriptionCreate,
     SubscriptionList,
 )
-from tests.conftest import (
+from tests.helpers import (
     PG_AVAILABLE,
     create_pg_database,
     drop_pg_database,
     fast_settings,
     new_key,
+    serve_in_thread,
 )
-from tests.servers import serve_in_thread
 
 with warnings.catch_warnings():
     # Starlette 1.x asks for httpx2 behind its TestClient; httpx (a relay dependency) still

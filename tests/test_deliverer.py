@@ -36,15 +36,17 @@ from relay.deliverer import EXCERPT_BYTES
 from relay.fakeupstream import FakeUpstream, FinalStatus, Generation
 from relay.models import deliveries, generations, subscriptions
 from relay.store import NewKey
-from tests.conftest import (
+from tests.helpers import (
     UPSTREAM_KEY,
     Received,
     Receiver,
     fast_settings,
+    log_tail,
     new_key,
+    relay_process,
+    serve_in_thread,
     wait_for,
 )
-from tests.servers import log_tail, relay_process, serve_in_thread
 
 SCHEDULE_S = (0.1, 0.2, 0.3)  # fast_settings' retry schedule: 4 attempts in all
 NEVER_S = 3600.0  # a generation that stays IN_PROGRESS for the whole test

@@ -18,7 +18,7 @@ from relay.fakeupstream import (
     InvalidSpec,
     family_for_model,
 )
-from tests.servers import serve_in_thread
+from tests.helpers import serve_in_thread
 
 KEY = "test-upstream-key"
 AUTH = {"authorization": f"Bearer {KEY}"}

@@ -20,7 +20,7 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from relay import migrate
-from tests.conftest import sync_count
+from tests.helpers import sync_count
 
 ROOT = Path(__file__).resolve().parent.parent
 

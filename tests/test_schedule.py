@@ -15,7 +15,7 @@ from relay.config import Settings
 from relay.poller import plan_record
 from relay.schedule import GROWTH, JITTER, error_gap_s, poll_gap_s
 from relay.upstream import FINAL_STATUSES, PollResult, classify, normalize_status
-from tests.conftest import constant
+from tests.helpers import constant
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 SETTINGS = Settings(
