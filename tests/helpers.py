@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -152,7 +153,7 @@ def fast_settings(
         allow_private_callbacks=True,
         lease_s=3.0,
     )
-    return base.with_(**changes)
+    return dataclasses.replace(base, **changes)
 
 
 # --- Waiting and randomness ---------------------------------------------------------------------
