@@ -1,9 +1,12 @@
 FROM python:3.11-slim
-WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
+# A plain (non-editable) install, as from a wheel: the image runs the installed package, which
+# carries its migrations, so the sources are removed once installed.
+WORKDIR /src
+COPY pyproject.toml README.md LICENSE ./
 COPY relay ./relay
 COPY migrations ./migrations
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir . && rm -rf /src
+WORKDIR /app
 ENV RELAY_HOST=0.0.0.0
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \

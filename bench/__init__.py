@@ -1,1 +1,1 @@
-"""Benchmarks and the process harness they share with the scale-out tests."""
+"""Benchmarks (`python -m bench.run`) and their process harness; the tests do not import them."""

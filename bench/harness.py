@@ -1,5 +1,5 @@
-"""Processes on loopback: relay nodes, the upstream simulator and receivers, for benchmarks
-and the scale-out tests. Every process is started with its own log file and killed at exit."""
+"""Processes on loopback: relay nodes, the upstream simulator and receivers, for the benchmarks.
+Every process is started with its own log file and killed at exit."""
 
 from __future__ import annotations
 

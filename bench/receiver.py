@@ -1,4 +1,4 @@
-"""A fast callback receiver for benchmarks and scale-out tests, run as its own process.
+"""A fast callback receiver for the benchmarks, run as its own process.
 
     python -m bench.receiver --port 8700
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
@@ -47,14 +47,6 @@ class Settings:
     delivery_per_host: int = 16
     poll_concurrency: int = 64
     log_level: str = "INFO"
-
-    @property
-    def max_attempts(self) -> int:
-        return 1 + len(self.delivery_retry_schedule_s)
-
-    def with_(self, **changes: Any) -> Settings:
-        """A copy with some fields changed (tests use this)."""
-        return replace(self, **changes)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,11 +1,32 @@
-"""The relay's exception tree, drawn once.
+"""The relay's exception tree, drawn once: every exception the relay defines on purpose.
 
-    RelayError                   root of everything the relay raises on purpose
-    ├── ConfigError              a RELAY_* variable or CLI argument is wrong (exit code 2)
-    └── StartupError             the process cannot start (e.g. the SQLite file is in use)
+    RelayError                        root of what stops a relay process (relay/errors.py)
+    ├── ConfigError                   a RELAY_* variable or CLI argument is wrong (exit code 2)
+    └── StartupError                  the process cannot start (e.g. the SQLite file is in use)
 
-Outside this tree on purpose: `addresses.CallbackURLError` is a ValueError (a client's bad
-input, answered 422), and the HTTP API's errors are `http.ApiError`, answered as JSON bodies.
+Outside that tree on purpose, each defined beside the code that owns it and built on the
+standard exception its callers already handle:
+
+    ValueError
+    └── addresses.CallbackURLError    a client's callback URL is malformed or refused (422)
+    OSError
+    └── addresses.BlockedAddressError a delivery's connection refused: its address is blocked
+                                      (aiohttp reports it as a failed connection)
+    Exception
+    ├── http.ApiError                 an HTTP API error, answered as a JSON error body
+    └── store.RedeliverConflict       nothing to redeliver (the API answers 409)
+
+The upstream simulator's, for its control API (relay/simulator/errors.py):
+
+    ValueError
+    └── InvalidSpec                   a generation spec or fault setting is refused (400)
+        └── Conflict                  the request contradicts the current state (409)
+            ├── DuplicateId           a generation with this id exists already
+            └── AlreadyFinal          finish() with another final status than it ended with
+    KeyError
+    └── UnknownGeneration             no generation has this id (404)
+    Exception
+    └── ControlError                  any other refusal of the control API (its own status)
 """
 
 from __future__ import annotations

@@ -59,10 +59,6 @@ class PollResult:
     retry_after_s: float | None = None
     error: str | None = None
 
-    @property
-    def is_final(self) -> bool:
-        return self.kind == "ok" and self.status in FINAL_STATUSES
-
 
 class UpstreamClient:
     """Polls one generation at a time; safe to share between concurrent tasks."""

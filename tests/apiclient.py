@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from starlette.exceptions import StarletteDeprecationWarning
 
 from relay.schemas import ErrorBody, Subscription
-from tests.servers import serve_in_thread
+from tests.helpers import serve_in_thread
 
 with warnings.catch_warnings():
     # Starlette 1.x asks for httpx2 behind its TestClient; httpx (a relay dependency) still

@@ -7,19 +7,13 @@ receiver or a scripted sender) with the independent `standardwebhooks` package.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 from standardwebhooks.webhooks import Webhook
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from relay import __version__
 from relay.app import Role, create_app
@@ -27,36 +21,10 @@ from relay.config import Settings
 from relay.sender import CallbackSender
 from relay.simulator import FakeUpstream, FinalStatus, Generation
 from relay.store import NewKey
-from tests.conftest import Received, Receiver, wait_for
-from tests.servers import serve_in_thread
+from tests.helpers import Received, serve_in_thread, wait_for
 
 SCHEDULE_S = (0.1, 0.2, 0.3)  # fast_settings' retry schedule: 4 attempts in all
 NEVER_S = 3600.0  # a generation that stays IN_PROGRESS for the whole test
-
-
-@contextlib.contextmanager
-def serve_receiver(bodies: dict[str, bytes] | None = None) -> Iterator[Receiver]:
-    """A second receiver server (its own port), like conftest's, with per-path answer bodies."""
-    state = Receiver()
-    answer_bodies = bodies or {}
-
-    async def hook(request: Request) -> Response:
-        body = await request.body()
-        path = request.url.path
-        state.received.append(Received(path, dict(request.headers), body, time.time()))
-        script = state.responses.get(path)
-        answer: tuple[int, dict[str, str], float] = (200, {}, 0.0)
-        if script:
-            answer = script.pop(0) if len(script) > 1 else script[0]
-        status, headers, delay_s = answer
-        if delay_s:
-            await asyncio.sleep(delay_s)
-        return Response(answer_bodies.get(path, b"ok"), status_code=status, headers=headers)
-
-    app = Starlette(routes=[Route("/{path:path}", hook, methods=["POST"])])
-    with serve_in_thread(app) as url:
-        state.url = url
-        yield state
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from relay.addresses import receiver_host
 from relay.sender import SendResult
-from tests.conftest import Received
+from tests.helpers import Received
 
 
 @dataclass(frozen=True)

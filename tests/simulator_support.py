@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from relay.simulator import FakeUpstream, FakeUpstreamConfig
-from tests.servers import serve_in_thread
+from tests.helpers import serve_in_thread
 
 KEY = "test-upstream-key"
 AUTH = {"authorization": f"Bearer {KEY}"}

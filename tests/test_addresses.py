@@ -26,7 +26,7 @@ from relay.addresses import (
     receiver_host,
 )
 from relay.resolver import VettingResolver, vet_callback_url
-from tests.servers import serve_in_thread
+from tests.helpers import serve_in_thread
 
 BLOCKED = [
     # IPv4

@@ -34,7 +34,7 @@ from tests.apiclient import (
     expect_subscription,
     running,
 )
-from tests.conftest import (
+from tests.helpers import (
     PG_AVAILABLE,
     create_pg_database,
     drop_pg_database,

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from relay.database import hold_sqlite_serve_lock
+from tests.helpers import free_port
 
 PUBLIC_HOOK = "http://93.184.216.34/hook"
 STARTUP_DEADLINE_S = 45.0  # generous: CI machines are slow and busy
@@ -53,12 +54,6 @@ def relay(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedPro
 
 def stderr_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

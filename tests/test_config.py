@@ -28,7 +28,6 @@ def test_defaults_match_the_contract_table() -> None:
     assert settings.not_found_grace_s == 600
     assert settings.delivery_timeout_s == 15
     assert settings.delivery_retry_schedule_s == (5, 300, 1800, 7200, 18000, 36000, 36000)
-    assert settings.max_attempts == 8
     assert settings.allow_private_callbacks is False
     assert settings.rate_limit_per_s == 1000
     assert settings == Settings()
@@ -97,11 +96,6 @@ def test_each_variable_is_parsed(variable: str, raw: str, field: str, expected: 
     """Each RELAY_* value lands, parsed, in its setting; fractional seconds are allowed."""
     settings = Settings.from_env({variable: raw})
     assert getattr(settings, field) == expected
-
-
-def test_the_retry_schedule_sets_the_number_of_attempts() -> None:
-    """Attempts are one plus the length of RELAY_DELIVERY_RETRY_SCHEDULE."""
-    assert Settings.from_env({"RELAY_DELIVERY_RETRY_SCHEDULE": "1,2,3"}).max_attempts == 4
 
 
 @pytest.mark.parametrize("variable", ["RELAY_PORT", "RELAY_POLL_MIN_INTERVAL", "RELAY_HOST"])

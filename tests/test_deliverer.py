@@ -31,14 +31,6 @@ from relay.app import create_app
 from relay.database import Database
 from relay.simulator import FakeUpstream, FinalStatus
 from relay.store import seeding
-from tests.conftest import (
-    UPSTREAM_KEY,
-    Received,
-    Receiver,
-    fast_settings,
-    new_key,
-    wait_for,
-)
 from tests.delivery import (
     SCHEDULE_S,
     assert_callback,
@@ -46,12 +38,21 @@ from tests.delivery import (
     get_attempts,
     pending_generation,
     running_relay,
-    serve_receiver,
     subscribe,
     verified,
     wait_status,
 )
-from tests.servers import log_tail, relay_process
+from tests.helpers import (
+    UPSTREAM_KEY,
+    Received,
+    Receiver,
+    fast_settings,
+    log_tail,
+    new_key,
+    relay_process,
+    serve_receiver,
+    wait_for,
+)
 
 # --- Signatures, bodies, headers --------------------------------------------------------------
 

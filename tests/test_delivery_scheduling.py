@@ -19,7 +19,6 @@ import pytest
 
 from relay.sender import EXCERPT_BYTES
 from relay.simulator import FakeUpstream
-from tests.conftest import fast_settings, new_key, wait_for
 from tests.delivery import (
     SCHEDULE_S,
     assert_callback,
@@ -31,6 +30,7 @@ from tests.delivery import (
     subscribe,
     wait_status,
 )
+from tests.helpers import fast_settings, new_key, wait_for
 from tests.senders import HANG, Answer, ScriptedSender
 
 RECEIVER = "https://receiver.test"  # never connected to: the scripted sender answers

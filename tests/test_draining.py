@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from relay.batching import Batcher
 from relay.draining import Drainer
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 DEADLINE_S = 5.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.hostslots import DEFER_MAX_S, DEFER_MIN_S, HostSlots, Offer
-from tests.conftest import constant
+from tests.helpers import constant
 
 HOST = "hooks.example:443"
 OTHER = "other.example:443"

@@ -26,7 +26,7 @@ from sqlalchemy.pool import NullPool
 
 from relay import migrate
 from relay.models import metadata
-from tests.conftest import drop_pg_database, pg_url_for_new_database, sync_count
+from tests.helpers import drop_pg_database, pg_url_for_new_database, sync_count
 
 RELAY_TABLES = {"api_keys", "generations", "subscriptions", "deliveries", "delivery_attempts"}
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from relay import migrate
 from relay.app import Role, create_app
 from relay.schemas import SubscriptionCreate, SubscriptionList
 from tests.apiclient import Api, connect, expect, expect_error, expect_subscription, running
-from tests.conftest import fast_settings, new_key
+from tests.helpers import fast_settings, new_key
 
 BY_ID = {"getSubscription", "cancelSubscription", "listAttempts", "redeliverSubscription"}
 

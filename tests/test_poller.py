@@ -23,8 +23,15 @@ from relay.app import create_app
 from relay.config import Settings
 from relay.database import open_database
 from relay.simulator import FakeUpstream, FinalStatus
-from tests.conftest import UPSTREAM_KEY, Receiver, fast_settings, new_key, wait_for
-from tests.servers import relay_process, serve_in_thread
+from tests.helpers import (
+    UPSTREAM_KEY,
+    Receiver,
+    fast_settings,
+    new_key,
+    relay_process,
+    serve_in_thread,
+    wait_for,
+)
 
 FINAL_SUBSCRIPTION_STATUSES = {"delivered", "failed", "canceled", "expired"}
 NOTICE_KEYS = {"id", "status", "input", "data", "usage", "code", "message"}

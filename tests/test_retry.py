@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.retry import Decision, Outcome, decide, parse_retry_after
-from tests.conftest import constant
+from tests.helpers import constant
 
 SCHEDULE = (5.0, 300.0, 1800.0)
 

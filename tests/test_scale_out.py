@@ -1,30 +1,44 @@
 """Many relay processes on one PostgreSQL database: no work lost, none doubled.
 
 Real processes on loopback: three `relay serve` nodes, the `relay fake-upstream` simulator and
-a receiver process (bench/receiver.py), as users would run them.
+a receiver process (tests/callback_sink.py), as users would run them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
+import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bench.harness import Cluster, Proc, cluster, create_key
-from tests.conftest import drop_pg_database, pg_url_for_new_database, sync_count
+from relay import migrate
+from tests.helpers import (
+    ROOT,
+    drop_pg_database,
+    free_port,
+    log_tail,
+    new_key,
+    pg_url_for_new_database,
+    process,
+    relay_process,
+    sync_count,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(900)]
 
 GENERATIONS = 2000
+UPSTREAM_KEY = "scale-key"
 NODE_ENV = {
-    "RELAY_UPSTREAM_API_KEY": "scale-key",
+    "RELAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
     "RELAY_ALLOW_PRIVATE_CALLBACKS": "true",
     "RELAY_POLL_MIN_INTERVAL": "0.5",
     "RELAY_POLL_MAX_INTERVAL": "2",
@@ -36,25 +50,55 @@ NODE_ENV = {
     "RELAY_LEASE": "4",
     "RELAY_LOG_LEVEL": "WARNING",
 }
+STARTUP_TIMEOUT_S = 30.0
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
+    """A new PostgreSQL database at the latest schema, dropped afterwards."""
     url = pg_url_for_new_database()
-    yield url
-    drop_pg_database(url)
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        drop_pg_database(url)
 
 
-def _start_nodes(c: Cluster, db_url: str, upstream: str, count: int) -> list[Proc]:
-    env = {**NODE_ENV, "RELAY_DATABASE_URL": db_url, "RELAY_UPSTREAM_URL": upstream}
-    nodes = [c.relay(f"relay-{i}", env) for i in range(count)]
-    for node in nodes:
-        node.start()
-    return nodes
+@contextlib.asynccontextmanager
+async def _upstream_and_sink(logs: Path) -> AsyncIterator[tuple[str, str]]:
+    """The simulator and the callback sink as processes; yields their base URLs."""
+    upstream_port, sink_port = free_port(), free_port()
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    sink_url = f"http://127.0.0.1:{sink_port}"
+    upstream_args = [sys.executable, "-m", "relay.cli", "fake-upstream", "--port"]
+    upstream_env = {
+        "RELAY_FAKE_API_KEY": UPSTREAM_KEY,
+        "RELAY_FAKE_SEED": "3",
+        "RELAY_FAKE_TIME_SCALE": "1",
+    }
+    sink_args = [sys.executable, "-m", "tests.callback_sink", "--port", str(sink_port)]
+    async with (
+        process(
+            [*upstream_args, str(upstream_port)],
+            upstream_env,
+            logs / "fake-upstream.log",
+            f"{upstream_url}/_fake/stats",
+            STARTUP_TIMEOUT_S,
+        ),
+        process(
+            sink_args,
+            {},
+            logs / "sink.log",
+            f"{sink_url}/_arrivals",
+            STARTUP_TIMEOUT_S,
+            cwd=ROOT,  # `-m tests.callback_sink` imports from the checkout
+        ),
+    ):
+        yield upstream_url, sink_url
 
 
 async def _subscribe_all(
-    nodes: list[Proc], api_key: str, receiver_url: str, rng: random.Random
+    node_urls: list[str], api_key: str, receiver_url: str, rng: random.Random
 ) -> list[tuple[str, str]]:
     """One to three subscriptions per generation, spread over the nodes; returns (sub, gen)."""
     plan = [
@@ -70,11 +114,11 @@ async def _subscribe_all(
 
         async def one(n: int, gen_id: str, url: str) -> None:
             async with semaphore:
-                node = nodes[n % len(nodes)]
+                node_url = node_urls[n % len(node_urls)]
                 for attempt in range(3):
                     try:
                         answer = await client.post(
-                            f"{node.url}/v1/subscriptions",
+                            f"{node_url}/v1/subscriptions",
                             json={"generation_id": gen_id, "callback_url": url},
                         )
                         break
@@ -91,12 +135,13 @@ async def _subscribe_all(
     return created
 
 
-def _make_generations(upstream_url: str, rng: random.Random) -> None:
+async def _make_generations(upstream_url: str, rng: random.Random) -> None:
     items = [
         {"id": f"gen_scale_{i:05d}", "family": "image", "final_at_s": rng.uniform(2.0, 12.0)}
         for i in range(GENERATIONS)
     ]
-    answer = httpx.post(f"{upstream_url}/_fake/generations/bulk", json={"items": items}, timeout=60)
+    async with httpx.AsyncClient(timeout=60) as client:
+        answer = await client.post(f"{upstream_url}/_fake/generations/bulk", json={"items": items})
     assert answer.status_code == 201, answer.text
 
 
@@ -111,46 +156,67 @@ async def _wait_delivered(db_url: str, expected: int, timeout_s: float) -> None:
             await asyncio.sleep(1)
 
 
-def _run_scale(tmp_path: Path, db_url: str, kill_midway: bool) -> dict[str, Any]:
+async def _scale(logs: Path, db_url: str, kill_midway: bool) -> dict[str, Any]:
+    """Three nodes deliver GENERATIONS generations' callbacks; the second one is SIGKILLed
+    a third of the way through if `kill_midway`. Returns what the sink received."""
     rng = random.Random(42)
-    with cluster(tmp_path / "procs") as c:
-        upstream = c.fake_upstream(api_key="scale-key", seed=3)
-        receiver = c.receiver()
-        key = create_key(db_url)
-        _make_generations(upstream.url, rng)
-        nodes = _start_nodes(c, db_url, upstream.url, 3)
-        created = asyncio.run(_subscribe_all(nodes, key["api_key"], receiver.url, rng))
+    node_env = {**NODE_ENV, "RELAY_DATABASE_URL": db_url}
+    async with contextlib.AsyncExitStack() as stack:
+        upstream_url, sink_url = await stack.enter_async_context(_upstream_and_sink(logs))
+        key = await new_key(db_url)
+        await _make_generations(upstream_url, rng)
+        env = {**node_env, "RELAY_UPSTREAM_URL": upstream_url}
+        nodes = [
+            await stack.enter_async_context(
+                relay_process(env, logs / f"relay-{i}.log", STARTUP_TIMEOUT_S)
+            )
+            for i in range(3)
+        ]
+        node_urls = [url for _, url in nodes]
+        created = await _subscribe_all(node_urls, key.api_key, sink_url, rng)
         kill_at = None
         if kill_midway:
-            asyncio.run(_wait_delivered(db_url, len(created) // 3, timeout_s=240))
+            await _wait_delivered(db_url, len(created) // 3, timeout_s=240)
             kill_at = time.time()
-            nodes[1].kill(signal.SIGKILL)
-        asyncio.run(_wait_delivered(db_url, len(created), timeout_s=300))
-        stats = httpx.get(f"{receiver.url}/_stats", timeout=30).json()
-        arrivals = httpx.get(f"{receiver.url}/_arrivals", timeout=60).json()
-        for node in nodes:
-            assert node.popen is not None
-            if node is not nodes[1] or not kill_midway:
-                assert node.popen.poll() is None, f"{node.name} died:\n{node.tail()}"
-    not_final = sync_count(db_url, "SELECT count(*) FROM subscriptions WHERE status <> 'delivered'")
-    return {
-        "created": len(created),
-        "stats": stats,
-        "arrivals": arrivals,
-        "kill_at": kill_at,
-        "not_delivered": not_final,
-    }
+            killed = nodes[1][0]
+            killed.send_signal(signal.SIGKILL)
+            async with asyncio.timeout(15):
+                await killed.wait()
+        await _wait_delivered(db_url, len(created), timeout_s=300)
+        async with httpx.AsyncClient(timeout=60) as client:
+            arrivals = (await client.get(f"{sink_url}/_arrivals")).json()
+        for i, (proc, _) in enumerate(nodes):
+            if i != 1 or not kill_midway:
+                assert proc.returncode is None, (
+                    f"relay-{i} died:\n{log_tail(logs / f'relay-{i}.log')}"
+                )
+    return {"created": len(created), "arrivals": arrivals, "kill_at": kill_at}
+
+
+def _run_scale(tmp_path: Path, db_url: str, kill_midway: bool) -> dict[str, Any]:
+    logs = tmp_path / "procs"
+    logs.mkdir()
+    result = asyncio.run(_scale(logs, db_url, kill_midway))
+    seen = Counter(webhook_id for webhook_id, _at, _digest in result["arrivals"])
+    digests: dict[str, set[str]] = {}
+    for webhook_id, _at, digest in result["arrivals"]:
+        digests.setdefault(webhook_id, set()).add(digest)
+    result["unique"] = len(seen)
+    result["duplicates"] = sorted(w for w, n in seen.items() if n > 1)
+    result["duplicates_with_other_body"] = sorted(w for w, d in digests.items() if len(d) > 1)
+    result["not_delivered"] = sync_count(
+        db_url, "SELECT count(*) FROM subscriptions WHERE status <> 'delivered'"
+    )
+    return result
 
 
 def test_three_nodes_deliver_everything_once(tmp_path: Path, pg_url: str) -> None:
     """Three nodes on one PostgreSQL database: every subscription delivered, no webhook-id twice."""
     result = _run_scale(tmp_path, pg_url, kill_midway=False)
-    print(
-        f"scale-out: {result['created']} subscriptions, receiver stats {result['stats']['total']}"
-    )
+    print(f"scale-out: {result['created']} subscriptions, {len(result['arrivals'])} callbacks")
     assert result["not_delivered"] == 0
-    assert result["stats"]["unique"] == result["created"]
-    assert result["stats"]["duplicates"] == []
+    assert result["unique"] == result["created"]
+    assert result["duplicates"] == []
     polls_per_generation = sync_count(pg_url, "SELECT max(poll_count) FROM generations")
     assert polls_per_generation < 40  # coalesced and backed off, not hammering
 
@@ -160,16 +226,15 @@ def test_killed_node_loses_nothing_and_duplicates_only_its_in_flight_work(
 ) -> None:
     """SIGKILL one of three nodes midway: all delivered; duplicates only from its in-flight sends."""
     result = _run_scale(tmp_path, pg_url, kill_midway=True)
-    stats = result["stats"]
-    duplicates = set(stats["duplicates"])
+    duplicates = set(result["duplicates"])
     print(
         f"scale-out with a SIGKILL: {result['created']} subscriptions, {len(duplicates)} duplicates"
     )
     assert result["not_delivered"] == 0
-    assert stats["unique"] == result["created"]
-    assert stats["duplicates_with_other_body"] == []
+    assert result["unique"] == result["created"]
+    assert result["duplicates_with_other_body"] == []
     first_arrival: dict[str, float] = {}
-    for webhook_id, _sub, at, _path in result["arrivals"]:
+    for webhook_id, at, _digest in result["arrivals"]:
         first_arrival.setdefault(webhook_id, at)
     for webhook_id in duplicates:
         # Sent before the kill by the node that died before it could record the answer.

@@ -15,7 +15,7 @@ from relay.config import Settings
 from relay.poller import plan_record
 from relay.schedule import GROWTH, JITTER, error_gap_s, poll_gap_s
 from relay.upstream import FINAL_STATUSES, PollResult, classify, normalize_status
-from tests.conftest import constant
+from tests.helpers import constant
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 SETTINGS = Settings(
@@ -152,7 +152,6 @@ def test_a_200_body_is_kept_exactly_as_sent() -> None:
     result = classify(200, content, None)
     assert result.kind == "ok"
     assert result.status == "COMPLETED"
-    assert result.is_final
     assert result.body == content.decode()
 
 
@@ -174,7 +173,6 @@ def test_a_malformed_200_is_an_error_not_a_status(content: bytes) -> None:
     result = classify(200, content, None)
     assert result.kind == "error"
     assert result.status is None
-    assert not result.is_final
 
 
 def test_404_is_not_found() -> None:

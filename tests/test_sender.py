@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from relay.sender import EXCERPT_BYTES, AiohttpSender
-from tests.delivery import closed_port_url, serve_receiver
+from tests.delivery import closed_port_url
+from tests.helpers import serve_receiver
 
 HEADERS = {"content-type": "application/json", "webhook-id": "msg_1", "relay-attempt": "1"}
 

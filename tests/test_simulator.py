@@ -17,7 +17,7 @@ from relay.simulator import (
     InvalidSpec,
     family_for_model,
 )
-from tests.servers import serve_in_thread
+from tests.helpers import serve_in_thread
 from tests.simulator_support import (
     KEY,
     TIME_SCALE,

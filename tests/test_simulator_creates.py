@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from tests.simulator_support import set_faults, simulator_fixtures, stats
 
 # Drawn lifecycles: images 50-300 ms, video 0.6-3 s.

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.conftest import Received, Receiver, wait_for
+from tests.helpers import Received, Receiver, wait_for
 from tests.simulator_support import create, simulator_fixtures, stats
 
 SECRET = "whsec_" + base64.b64encode(b"simulator-webhook-secret-one").decode()

@@ -8,8 +8,7 @@ from standardwebhooks.webhooks import Webhook
 
 from relay.app import create_app
 from relay.simulator import FakeUpstream
-from tests.conftest import Receiver, fast_settings, new_key, wait_for
-from tests.servers import serve_in_thread
+from tests.helpers import Receiver, fast_settings, new_key, serve_in_thread, wait_for
 
 
 async def test_subscription_gets_a_signed_callback(

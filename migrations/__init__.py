@@ -1,0 +1,1 @@
+"""Alembic migrations, shipped inside the installed package as `relay.migrations`."""

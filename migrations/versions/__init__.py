@@ -1,0 +1,1 @@
+"""Migration scripts, one per revision (Alembic reads them; nothing imports them)."""
