@@ -121,25 +121,21 @@ def _number(raw: str) -> float:
     return value
 
 
-def _positive_number(raw: str) -> float:
-    value = _number(raw)
-    if value <= 0:
-        raise ValueError("must be greater than 0")
-    return value
+def _number_where(accept: Callable[[float], bool], why: str) -> Callable[[str], float]:
+    """A parser of finite numbers that `accept` allows; `why` says what is expected."""
+
+    def parse(raw: str) -> float:
+        value = _number(raw)
+        if not accept(value):
+            raise ValueError(why)
+        return value
+
+    return parse
 
 
-def _non_negative_number(raw: str) -> float:
-    value = _number(raw)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
-
-
-def _positive_seconds(raw: str) -> float:
-    value = _number(raw)
-    if value <= 0:
-        raise ValueError("must be a number of seconds greater than 0")
-    return value
+_positive_number = _number_where(lambda v: v > 0, "must be greater than 0")
+_non_negative_number = _number_where(lambda v: v >= 0, "must be 0 or more")
+_positive_seconds = _number_where(lambda v: v > 0, "must be a number of seconds greater than 0")
 
 
 def _lease(raw: str) -> float:

@@ -28,7 +28,7 @@ from relay import __version__, store
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
-from relay.draining import CLAIM_BATCH_MAX, Drainer
+from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.hostslots import HostSlots, Offer
 from relay.retry import Outcome, decide, parse_retry_after
 from relay.sender import CallbackSender
@@ -68,16 +68,13 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._records: Batcher[store.AttemptRecord, None] = Batcher(self._write_records)
-        super().__init__(
-            concurrency=settings.delivery_concurrency,
-            per_round=CLAIM_BATCH_MAX,
-            close_timeout_s=settings.delivery_timeout_s + 1,
-            records=self._records,
+        limits = DrainLimits(
+            settings.delivery_concurrency, CLAIM_BATCH_MAX, settings.delivery_timeout_s + 1
         )
+        super().__init__(limits, self._records, owner)
         self._db = db
         self._settings = settings
         self._sender = sender
-        self._owner = owner
         self._rand = rand
         # Claimed deliveries waiting for a slot of their host take a slot of the overall
         # concurrency too; their leases are renewed like those in flight.

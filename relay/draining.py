@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from relay.batching import Batcher
@@ -34,25 +35,30 @@ K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class DrainLimits:
+    """How much one drain may hold: items in flight at once, items per claim, and how long
+    close() waits for the work in flight."""
+
+    concurrency: int
+    per_round: int
+    close_timeout_s: float
+
+    @property
+    def min_claim(self) -> int:
+        # Claim in batches: one claim per freed slot would run the claim query per item.
+        return max(1, min(self.per_round, self.concurrency) // 4)
+
+
 class Drainer(Generic[K, T]):
     """Base of Poller and Deliverer: items of type T, in flight under keys of type K."""
 
-    def __init__(
-        self,
-        *,
-        concurrency: int,
-        per_round: int,
-        close_timeout_s: float,
-        records: Batcher[Any, Any],
-    ) -> None:
+    def __init__(self, limits: DrainLimits, records: Batcher[Any, Any], owner: str) -> None:
+        self._owner = owner  # the node whose name the claims' leases carry
         self._draining = False
         self._again = False
         self._closing = False
-        self._concurrency = concurrency
-        self._per_round = per_round
-        # Claim in batches: one claim per freed slot would run the claim query per item.
-        self._min_claim = max(1, min(per_round, concurrency) // 4)
-        self._close_timeout_s = close_timeout_s
+        self._limits = limits
         self._batched_records = records
         self._in_flight: dict[K, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
@@ -77,12 +83,12 @@ class Drainer(Generic[K, T]):
 
     async def _drain(self) -> None:
         while not self._closing:
-            free = self._concurrency - self._slots_taken()
-            if free <= 0 or (free < self._min_claim and self._in_flight):
+            free = self._limits.concurrency - self._slots_taken()
+            if free <= 0 or (free < self._limits.min_claim and self._in_flight):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            want = min(free, self._per_round)
+            want = min(free, self._limits.per_round)
             claimed = await self._claim_batch(want)
             await self._start_batch(claimed)
             if len(claimed) < want:
@@ -125,5 +131,5 @@ class Drainer(Generic[K, T]):
         await self._give_back_held()
         tasks = list(self._in_flight.values())
         if tasks:
-            await asyncio.wait(tasks, timeout=self._close_timeout_s)
+            await asyncio.wait(tasks, timeout=self._limits.close_timeout_s)
         await self._batched_records.drain()

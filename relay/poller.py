@@ -24,7 +24,7 @@ from relay import store
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
-from relay.draining import CLAIM_BATCH_MAX, Drainer
+from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.health import UpstreamHealth
 from relay.models import EVENT_BY_FINAL_STATUS, CallbackEvent, GenerationState
 from relay.ratelimit import TokenBucket
@@ -128,17 +128,13 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._records: Batcher[store.PollRecord, bool] = Batcher(self._write_records)
-        super().__init__(
-            concurrency=settings.poll_concurrency,
-            # Claim no more than the rate cap lets us poll within a fraction of the lease.
-            per_round=max(1, min(CLAIM_BATCH_MAX, int(settings.upstream_max_rps))),
-            close_timeout_s=settings.upstream_timeout_s + 1,
-            records=self._records,
-        )
+        # Claim no more than the rate cap lets us poll within a fraction of the lease.
+        per_round = max(1, min(CLAIM_BATCH_MAX, int(settings.upstream_max_rps)))
+        limits = DrainLimits(settings.poll_concurrency, per_round, settings.upstream_timeout_s + 1)
+        super().__init__(limits, self._records, owner)
         self._db = db
         self._settings = settings
         self._upstream = upstream
-        self._owner = owner
         self._rand = rand
         self.health = health or UpstreamHealth()
         self._on_deliveries_queued = on_deliveries_queued

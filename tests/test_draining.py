@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from relay.batching import Batcher
-from relay.draining import Drainer
+from relay.draining import Drainer, DrainLimits
 from tests.helpers import wait_for
 
 DEADLINE_S = 5.0
@@ -23,12 +23,7 @@ class Source(Drainer[int, int]):
         self.write_gate = asyncio.Event()
         self.write_gate.set()
         records: Batcher[int, None] = Batcher(self._write)
-        super().__init__(
-            concurrency=concurrency,
-            per_round=per_round,
-            close_timeout_s=close_timeout_s,
-            records=records,
-        )
+        super().__init__(DrainLimits(concurrency, per_round, close_timeout_s), records, "test")
         self.records = records
         self.due: list[int] = []
         self.claims: list[tuple[int, list[int]]] = []  # (want, claimed)
