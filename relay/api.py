@@ -1,5 +1,5 @@
 """The client API: the subscription routes, what each one is (its `Operation`), and how
-subscriptions and attempts are shown. No SQL here (store.py), and nothing of the poller or
+subscriptions and attempts are shown. No SQL here (the store does it), and nothing of the poller or
 the deliverer: the routes only wake them through the hooks in `ApiContext`.
 
 Creates from concurrent requests are written together in one transaction (group commit, see

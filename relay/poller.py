@@ -7,7 +7,7 @@ time and, when the generation ends, one delivery per active subscription).
 
 `plan_record` is the pure part: from the claimed row and the poll result to the row's changes.
 The claim loop, the task per poll and the close sequence are draining.py's `Drainer`.
-This module never writes SQL (store.py does) and never sends callbacks (deliverer.py does).
+This module never writes SQL (the store does) and never sends callbacks (deliverer.py does).
 """
 
 from __future__ import annotations
