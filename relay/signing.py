@@ -5,10 +5,13 @@ specification defines it (https://www.standardwebhooks.com/): a secret is `whsec
 by base64 of the key bytes, and a signature is `v1,` followed by base64 of
 HMAC-SHA256(key, f"{webhook-id}.{webhook-timestamp}.{body}").
 
-It is pure apart from reading randomness and the clock for new secrets and ids: it must not
-read the environment, the database or the network, and must not log (its inputs are secrets).
-Verification is deliberately absent: tests verify with the independent `standardwebhooks`
-package, so the relay's signer never checks itself.
+It also verifies what the upstream signs (its workspace webhooks, relay's push hints) with
+any of several secrets, tolerant of malformed headers: a stranger's request must end in a
+refusal, never an exception. Tests check both directions against the independent
+`standardwebhooks` package, so the relay's signer never checks only itself.
+
+It is pure apart from reading randomness for new secrets and ids: it must not read the
+environment, the database or the network, and must not log (its inputs are secrets).
 """
 
 from __future__ import annotations
@@ -17,21 +20,25 @@ import base64
 import binascii
 import functools
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from secrets import token_bytes
 
 from relay.ids import new_id
 
 __all__ = [
     "SECRET_PREFIX",
+    "SignatureError",
     "generate_secret",
     "new_message_id",
     "sign",
     "sign_all",
+    "verify",
 ]
 
 SECRET_PREFIX = "whsec_"
 _SECRET_BYTES = 32
+TOLERANCE_S = 300  # Standard Webhooks: a timestamp more than 5 minutes away is refused
+_MAX_SIGNATURES = 16  # a header with more is not a rotation, it is someone guessing
 
 
 def generate_secret() -> str:
@@ -79,3 +86,45 @@ def sign_all(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -
 def new_message_id() -> str:
     """Return a new `webhook-id`: `msg_` + a 26-character ULID (time-sortable, unique)."""
     return new_id("msg")
+
+
+class SignatureError(ValueError):
+    """A signed request that does not verify; str() says why, without any secret."""
+
+
+def verify(
+    secrets: Sequence[str],
+    headers: Mapping[str, str],
+    body: bytes,
+    now_unix: float,
+    tolerance_s: float = TOLERANCE_S,
+) -> str:
+    """Check Standard Webhooks headers against `body` with any of `secrets`; return the
+    `webhook-id`. Raises SignatureError for a missing or malformed header, a timestamp more
+    than `tolerance_s` from `now_unix`, or no signature that matches."""
+    msg_id = headers.get("webhook-id", "")
+    raw_timestamp = headers.get("webhook-timestamp", "")
+    raw_signatures = headers.get("webhook-signature", "")
+    if not (msg_id and raw_timestamp and raw_signatures):
+        raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature")
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit() and len(raw_timestamp) <= 12):
+        raise SignatureError("webhook-timestamp is not a Unix time in seconds")
+    timestamp = int(raw_timestamp)
+    if abs(now_unix - timestamp) > tolerance_s:
+        raise SignatureError("webhook-timestamp is more than 5 minutes from now")
+    offered = []
+    for part in raw_signatures.split(" ")[:_MAX_SIGNATURES]:
+        version, _, encoded = part.partition(",")
+        if version != "v1":
+            continue
+        try:
+            offered.append(base64.b64decode(encoded, validate=True))
+        except binascii.Error:
+            continue
+    # Signed over the header as sent, not as parsed: a sender's "0123" is not "123".
+    signed = f"{msg_id}.{raw_timestamp}.".encode() + body
+    for secret in secrets:
+        expected = hmac.digest(_key_bytes(secret), signed, "sha256")
+        if any(hmac.compare_digest(expected, candidate) for candidate in offered):
+            return msg_id
+    raise SignatureError("no signature matches")

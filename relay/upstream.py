@@ -1,4 +1,5 @@
-"""The upstream client: one poll of `GET {base}/v1/generation/{id}`, classified.
+"""The upstream client: one poll of `GET {base}/v1/generation/{id}`, and the running list
+`GET {base}/v1/generations/running?limit=N` that batch sweeps read, each answer classified.
 
 Owns the upstream's quirks so the poller need not: statuses are case-insensitive and the old
 vocabulary is mapped (SUCCEEDED → COMPLETED, CANCELLED → CANCELED, STARTING → IN_QUEUE,
@@ -15,9 +16,10 @@ concurrency.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import quote
 
 import aiohttp
@@ -41,6 +43,12 @@ _ALIASES = {
 MAX_BODY_BYTES = 16 * 2**20  # a final result is a small JSON object; refuse a runaway body
 
 PollKind = Literal["ok", "not_found", "unauthorized", "rate_limited", "error"]
+ListKind = Literal["ok", "unsupported", "unauthorized", "rate_limited", "error"]
+LIST_MAX_BODY_BYTES = 2**20  # 100 items of {id, status, usage, input}: far below this
+# The answers of an upstream that has no running list: sweeps stop for a while.
+_UNSUPPORTED = frozenset({404, 405, 501})
+# The contract's generation id rule, for ids read from the running list.
+_GENERATION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.:\-]{1,128}")
 
 
 def normalize_status(raw: str) -> str:
@@ -55,6 +63,25 @@ class PollResult:
     kind: PollKind
     status: str | None = None  # normalised, when kind == "ok"
     body: str | None = None  # the body exactly as sent, when kind == "ok"
+    http_status: int | None = None
+    retry_after_s: float | None = None
+    error: str | None = None
+
+
+class Listed(NamedTuple):
+    generation_id: str
+    status: str  # normalised
+
+
+@dataclass(frozen=True)
+class RunningList:
+    """One answer of the running list. `complete`: fewer items than asked for, so a watched
+    generation missing from it is not running (in this workspace); otherwise the list may
+    have been cut short and proves only the presence of what it holds."""
+
+    kind: ListKind
+    items: tuple[Listed, ...] = ()
+    complete: bool = False
     http_status: int | None = None
     retry_after_s: float | None = None
     error: str | None = None
@@ -113,6 +140,23 @@ class UpstreamClient:
         except (aiohttp.ClientError, OSError) as exc:
             return PollResult(kind="error", error=f"upstream unreachable: {type(exc).__name__}")
 
+    async def list_running(self, limit: int) -> RunningList:
+        url = f"{self._base}/v1/generations/running"
+        try:
+            async with self._get_session().get(
+                url, params={"limit": str(limit)}, allow_redirects=False
+            ) as response:
+                content = await _read_limited(response, LIST_MAX_BODY_BYTES)
+                if content is None:
+                    return RunningList(kind="error", error="running list body too large")
+                return classify_list(
+                    response.status, content, response.headers.get("retry-after"), limit
+                )
+        except TimeoutError:
+            return RunningList(kind="error", error="upstream timed out")
+        except (aiohttp.ClientError, OSError) as exc:
+            return RunningList(kind="error", error=f"upstream unreachable: {type(exc).__name__}")
+
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
     chunks: list[bytes] = []
@@ -168,3 +212,41 @@ def _error_code(content: bytes) -> str:
         return ""
     code = body.get("code") or body.get("error")
     return f" ({str(code)[:80]})" if code else ""
+
+
+def classify_list(
+    http_status: int, content: bytes, retry_after: str | None, limit: int
+) -> RunningList:
+    """Turn one running-list answer into a RunningList (pure). Items that are not objects with
+    a valid id and a string status are skipped, but still count toward completeness."""
+    if http_status != 200:
+        error = f"upstream answered HTTP {http_status}{_error_code(content)}"
+        kind: ListKind = "error"
+        if http_status in _UNSUPPORTED:
+            kind = "unsupported"
+        elif http_status in (401, 403):
+            kind = "unauthorized"
+        elif http_status == 429:
+            kind = "rate_limited"
+        retry_after_s = (
+            parse_retry_after(retry_after, time.time()) if http_status in (429, 503) else None
+        )
+        return RunningList(
+            kind=kind, http_status=http_status, retry_after_s=retry_after_s, error=error
+        )
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return RunningList(kind="error", http_status=200, error="running list is not JSON")
+    if isinstance(body, dict):  # tolerate an envelope around the documented array
+        body = body.get("data", body.get("items"))
+    if not isinstance(body, list):
+        return RunningList(kind="error", http_status=200, error="running list is not an array")
+    items = []
+    for item in body:
+        if not isinstance(item, dict):
+            continue
+        gen_id, status = item.get("id"), item.get("status")
+        if isinstance(gen_id, str) and _GENERATION_ID.fullmatch(gen_id) and isinstance(status, str):
+            items.append(Listed(gen_id, normalize_status(status)))
+    return RunningList(kind="ok", items=tuple(items), complete=len(body) < limit, http_status=200)

@@ -9,7 +9,14 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from relay.signing import generate_secret, new_message_id, sign, sign_all
+from relay.signing import (
+    SignatureError,
+    generate_secret,
+    new_message_id,
+    sign,
+    sign_all,
+    verify,
+)
 
 BODY = b'{"id":"gen_123","status":"COMPLETED","data":{"url":"https://cdn.example/v.mp4"}}'
 
@@ -141,3 +148,98 @@ def test_signing_is_fast_enough_for_thousands_per_second() -> None:
     for attempt in range(10_000):
         sign(secret, "msg_1", attempt, BODY)
     assert time.perf_counter() - started < 1.0
+
+
+# --- Verifying what the upstream signs (push hints) ----------------------------------------
+
+UPSTREAM_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OTHER_SECRET = "whsec_" + base64.b64encode(b"another secret of thirty-two bytes").decode()
+
+
+def _signed_by_library(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    from datetime import UTC, datetime
+
+    signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body.decode())
+    return _headers(msg_id, timestamp, signature)
+
+
+def test_verify_accepts_what_the_reference_library_signs() -> None:
+    """A message signed by standardwebhooks verifies and yields its webhook-id."""
+    now = int(time.time())
+    headers = _signed_by_library(UPSTREAM_SECRET, "msg_1", now, BODY)
+    assert verify([UPSTREAM_SECRET], headers, BODY, now) == "msg_1"
+
+
+def test_verify_accepts_any_configured_secret() -> None:
+    """During a rotation either secret verifies."""
+    now = int(time.time())
+    headers = _signed_by_library(OTHER_SECRET, "msg_2", now, BODY)
+    assert verify([UPSTREAM_SECRET, OTHER_SECRET], headers, BODY, now) == "msg_2"
+    with pytest.raises(SignatureError):
+        verify([UPSTREAM_SECRET], headers, BODY, now)
+
+
+def test_verify_accepts_one_matching_signature_among_several() -> None:
+    """A header with the old and the new signature verifies with either secret."""
+    now = int(time.time())
+    header = sign_all([OTHER_SECRET, UPSTREAM_SECRET], "msg_3", now, BODY)
+    assert verify([UPSTREAM_SECRET], _headers("msg_3", now, header), BODY, now) == "msg_3"
+
+
+@pytest.mark.parametrize("skew_s", [-301, 301, 10_000])
+def test_verify_refuses_a_timestamp_more_than_five_minutes_away(skew_s: int) -> None:
+    """Stale and future timestamps are refused even with a valid signature."""
+    now = int(time.time())
+    headers = _signed_by_library(UPSTREAM_SECRET, "msg_4", now + skew_s, BODY)
+    with pytest.raises(SignatureError, match="5 minutes"):
+        verify([UPSTREAM_SECRET], headers, BODY, now)
+
+
+def test_verify_refuses_a_changed_body_id_or_timestamp() -> None:
+    """The signature covers the id, the timestamp and the body."""
+    now = int(time.time())
+    headers = _signed_by_library(UPSTREAM_SECRET, "msg_5", now, BODY)
+    with pytest.raises(SignatureError):
+        verify([UPSTREAM_SECRET], headers, BODY + b" ", now)
+    with pytest.raises(SignatureError):
+        verify([UPSTREAM_SECRET], {**headers, "webhook-id": "msg_6"}, BODY, now)
+    with pytest.raises(SignatureError):
+        verify([UPSTREAM_SECRET], {**headers, "webhook-timestamp": str(now - 1)}, BODY, now)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"webhook-id": ""},
+        {"webhook-timestamp": ""},
+        {"webhook-signature": ""},
+        {"webhook-timestamp": "12.5"},
+        {"webhook-timestamp": "-5"},
+        {"webhook-timestamp": "1e9"},
+        {"webhook-timestamp": "٣"},
+        {"webhook-timestamp": "9" * 40},
+        {"webhook-signature": "v1"},
+        {"webhook-signature": "v1,"},
+        {"webhook-signature": "v1,not base64!"},
+        {"webhook-signature": "v2,AAAA"},
+        {"webhook-signature": ",,, ,"},
+    ],
+)
+def test_verify_refuses_malformed_headers_without_raising_anything_else(
+    changes: dict[str, str],
+) -> None:
+    """Every malformed header is a SignatureError, never another exception."""
+    now = int(time.time())
+    headers = {**_signed_by_library(UPSTREAM_SECRET, "msg_7", now, BODY), **changes}
+    with pytest.raises(SignatureError):
+        verify([UPSTREAM_SECRET], headers, BODY, now)
+
+
+def test_verify_handles_a_body_that_is_not_utf8() -> None:
+    """Bytes that are not UTF-8 are verified as bytes (and refused if unsigned)."""
+    now = int(time.time())
+    body = b"\xff\xfe not utf-8"
+    header = sign(UPSTREAM_SECRET, "msg_8", now, body)
+    assert verify([UPSTREAM_SECRET], _headers("msg_8", now, header), body, now) == "msg_8"
+    with pytest.raises(SignatureError):
+        verify([UPSTREAM_SECRET], _headers("msg_8", now, header), body + b"x", now)
