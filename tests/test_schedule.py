@@ -13,7 +13,15 @@ import pytest
 from relay import store
 from relay.config import Settings
 from relay.poller import plan_record
-from relay.schedule import GROWTH, JITTER, error_gap_s, poll_gap_s
+from relay.schedule import (
+    GROWTH,
+    JITTER,
+    SWEEP_BUDGET_S,
+    error_gap_s,
+    hinted_gap_s,
+    poll_gap_s,
+    sweep_interval_s,
+)
 from relay.upstream import FINAL_STATUSES, PollResult, classify, normalize_status
 from tests.helpers import constant
 
@@ -404,3 +412,34 @@ def test_429_without_retry_after_backs_off_exponentially() -> None:
         for n in range(4)
     ]
     assert gaps == pytest.approx([2.0, 4.0, 8.0, 16.0])
+
+
+# --- Sweep cadence ---------------------------------------------------------------------------
+
+
+def test_no_sweep_pays_for_fewer_than_two_covered_generations() -> None:
+    """One pending generation is cheaper to poll by id than to sweep and then fetch."""
+    assert sweep_interval_s(0, 0, 1.0, 30.0) is None
+    assert sweep_interval_s(1.9, 1.9, 1.0, 30.0) is None
+
+
+def test_the_sweep_cadence_speeds_up_with_the_generations_it_covers() -> None:
+    """Every generation covered is budgeted one list request per SWEEP_BUDGET_S."""
+    assert sweep_interval_s(2, 0, 1.0, 30.0) == pytest.approx(SWEEP_BUDGET_S / 2)
+    assert sweep_interval_s(5, 0, 1.0, 30.0) == pytest.approx(SWEEP_BUDGET_S / 5)
+    assert sweep_interval_s(10, 0, 1.0, 30.0) == pytest.approx(1.0)
+    assert sweep_interval_s(10_000, 0, 1.0, 30.0) == 1.0  # never under the minimum
+    assert sweep_interval_s(2, 0, 1.0, 3.0) == 3.0  # never over the longest per-id gap
+
+
+def test_hint_covered_generations_make_a_sweep_pay_only_with_due_safety_polls() -> None:
+    """Hints detect finals; a sweep then pays only by replacing due safety-net polls."""
+    assert sweep_interval_s(0, 1, 1.0, 30.0) is None
+    assert sweep_interval_s(0, 3, 2.0, 30.0) == 2.0
+
+
+def test_hinted_gap_is_the_safety_interval_with_jitter() -> None:
+    """The safety-net poll comes after the hinted interval, ±10%."""
+    assert hinted_gap_s(300.0, mid) == pytest.approx(300.0)
+    assert hinted_gap_s(300.0, constant(0.0)) == pytest.approx(270.0)
+    assert hinted_gap_s(300.0, constant(1.0)) == pytest.approx(330.0)
