@@ -50,6 +50,7 @@ from relay.schemas import (
     SubscriptionListQuery,
     SubscriptionPath,
 )
+from relay.signals import Signals
 
 T = TypeVar("T")
 
@@ -61,6 +62,7 @@ class ApiContext:
     db: Database
     settings: Settings
     health: UpstreamHealth | None
+    signals: Signals | None = None
     on_polls_queued: Callable[[], None] = lambda: None
     on_deliveries_queued: Callable[[], None] = lambda: None
     auth: Authenticator = field(init=False)
@@ -73,7 +75,8 @@ class ApiContext:
     async def _write_creates(
         self, requests: Sequence[store.CreateRequest]
     ) -> list[store.CreateResult]:
-        outcome = await store.create_subscriptions(self.db, requests)
+        first_poll = self.signals.first_poll() if self.signals else store.FirstPoll()
+        outcome = await store.create_subscriptions(self.db, requests, first_poll)
         if outcome.polls_queued:
             self.on_polls_queued()
         if outcome.deliveries_queued:

@@ -7,26 +7,31 @@ parameters here: the upstream's aiohttp connector and the callback sender.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal, TypedDict
 
 import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from relay import api, probes
+from relay import api, probes, store
+from relay import intake as intake_routes
 from relay.api import ApiContext
 from relay.config import Settings
-from relay.database import open_database
+from relay.database import Database, open_database
 from relay.deliverer import Deliverer
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
+from relay.intake import IntakeContext
 from relay.openapi import with_openapi
-from relay.poller import Poller
+from relay.poller import Poller, upstream_budget
 from relay.sender import AiohttpSender, CallbackSender
+from relay.signals import Signals
+from relay.sweeps import Sweeper
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
 
@@ -37,6 +42,21 @@ Role = Literal["all", "api", "worker"]
 
 class State(TypedDict):
     api: ApiContext
+    intake: IntakeContext
+
+
+def _resume_normal_polling(
+    db: Database, settings: Settings, worker: Worker
+) -> Callable[[], Awaitable[None]]:
+    """What a worker does when push hints go silent: safety-net polls come forward at once."""
+
+    async def resume() -> None:
+        resumed = await store.end_safety_net(db, settings.poll_max_interval_s)
+        if resumed:
+            logger.info("%d generations are back on the normal polling schedule", resumed)
+            worker.kick_poller()
+
+    return resume
 
 
 def create_app(
@@ -53,6 +73,9 @@ def create_app(
         db = open_database(settings.database_url)
         await db.sync_clock()
         owner = new_id("node")
+        signals = Signals(db, settings)
+        await signals.try_refresh()
+        watching = asyncio.create_task(signals.run())
         worker: Worker | None = None
         health: UpstreamHealth | None = None
         upstream: UpstreamClient | None = None
@@ -72,25 +95,45 @@ def create_app(
                 limit_per_host=settings.delivery_per_host,
             )
             deliverer = Deliverer(db, settings, callback_sender, owner)
+            budget = upstream_budget(settings)
             poller = Poller(
                 db,
                 settings,
                 upstream,
                 owner,
                 health=health,
+                signals=signals,
+                budget=budget,
                 on_deliveries_queued=lambda: worker.kick_deliverer() if worker else None,
             )
-            worker = Worker(db, settings, poller, deliverer)
+            sweeper = None
+            if settings.sweep != "off":
+                sweeper = Sweeper(
+                    db,
+                    settings,
+                    upstream,
+                    budget,
+                    signals,
+                    health,
+                    owner,
+                    on_polls_queued=lambda: worker.kick_poller() if worker else None,
+                )
+            worker = Worker(db, settings, poller, deliverer, sweeper)
+            signals.on_silence.append(_resume_normal_polling(db, settings, worker))
             worker.start()
-        context = ApiContext(db=db, settings=settings, health=health)
+        context = ApiContext(db=db, settings=settings, health=health, signals=signals)
+        intake = IntakeContext(db=db, settings=settings, signals=signals)
         if worker is not None:
             context.on_polls_queued = worker.kick_poller
             context.on_deliveries_queued = worker.kick_deliverer
+            intake.on_polls_queued = worker.kick_poller
         logger.info("relay started: role=%s node=%s", role, owner)
         try:
-            yield {"api": context}
+            yield {"api": context, "intake": intake}
         finally:
+            watching.cancel()
             await context.creates.drain()
+            await intake.hints.drain()
             if worker is not None:
                 await worker.stop()
             if upstream is not None:
@@ -101,7 +144,8 @@ def create_app(
             logger.info("relay stopped: node=%s", owner)
 
     # A worker serves only the probes; /openapi.json documents what this process serves.
-    routes: list[BaseRoute] = [*(api.ROUTES if role != "worker" else ()), *probes.ROUTES]
+    served = [*api.ROUTES, *intake_routes.ROUTES] if role != "worker" else []
+    routes: list[BaseRoute] = [*served, *probes.ROUTES]
     return Starlette(
         routes=with_openapi(routes),
         lifespan=lifespan,

@@ -14,6 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
+from relay.signing import SECRET_PREFIX, check_secret
 
 T = TypeVar("T")
 
@@ -47,6 +48,13 @@ class Settings:
     delivery_per_host: int = 16
     poll_concurrency: int = 64
     log_level: str = "INFO"
+    # Push hints (the upstream's workspace webhooks) and batch sweeps.
+    upstream_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    hint_memory_s: float = 600.0
+    hint_silence_s: float = 900.0
+    hinted_poll_interval_s: float = 300.0
+    sweep: str = "auto"
+    sweep_min_interval_s: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -77,6 +85,16 @@ class Settings:
             delivery_per_host=reader.get("RELAY_DELIVERY_PER_HOST", 16, _positive_int),
             poll_concurrency=reader.get("RELAY_POLL_CONCURRENCY", 64, _positive_int),
             log_level=reader.get("RELAY_LOG_LEVEL", "INFO", _log_level),
+            upstream_webhook_secrets=reader.get(
+                "RELAY_UPSTREAM_WEBHOOK_SECRET", (), _webhook_secrets
+            ),
+            hint_memory_s=reader.get("RELAY_HINT_MEMORY", 600.0, _positive_seconds),
+            hint_silence_s=reader.get("RELAY_HINT_SILENCE", 900.0, _positive_seconds),
+            hinted_poll_interval_s=reader.get(
+                "RELAY_HINTED_POLL_INTERVAL", 300.0, _positive_seconds
+            ),
+            sweep=reader.get("RELAY_SWEEP", "auto", _sweep_mode),
+            sweep_min_interval_s=reader.get("RELAY_SWEEP_MIN_INTERVAL", 1.0, _positive_seconds),
         )
         if settings.poll_max_interval_s < settings.poll_min_interval_s:
             raise ConfigError(
@@ -102,7 +120,7 @@ class _Reader:
 
 def _shown(name: str, raw: str) -> str:
     # Never echo a secret back into logs or terminals.
-    if "KEY" in name or "DATABASE_URL" in name or "@" in raw:
+    if "KEY" in name or "SECRET" in name or "DATABASE_URL" in name or "@" in raw:
         return "a value that is not shown"
     return repr(raw if len(raw) <= 60 else raw[:57] + "...")
 
@@ -208,3 +226,19 @@ def _log_level(raw: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
     return level
+
+
+def _webhook_secrets(raw: str) -> tuple[str, ...]:
+    secrets = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for secret in secrets:
+        if not secret.startswith(SECRET_PREFIX):
+            raise ValueError("must be comma-separated secrets that each start with whsec_")
+        check_secret(secret)
+    return secrets
+
+
+def _sweep_mode(raw: str) -> str:
+    mode = raw.lower()
+    if mode not in {"auto", "off"}:
+        raise ValueError("must be auto or off")
+    return mode

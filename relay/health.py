@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
-
-from relay.upstream import PollResult
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
+
+
+class Answer(Protocol):
+    """An upstream answer as classified by upstream.py (a poll's or the running list's)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def error(self) -> str | None: ...
 
 
 class UpstreamHealth:
@@ -22,7 +31,7 @@ class UpstreamHealth:
         self.state = "unknown"
         self._last_alarm = 0.0
 
-    def observe(self, result: PollResult) -> None:
+    def observe(self, result: Answer) -> None:
         if result.kind == "unauthorized":
             self.state = "unauthorized"
             now = time.monotonic()
@@ -35,7 +44,7 @@ class UpstreamHealth:
                 )
         elif result.kind == "error":
             if self.state != "unreachable":
-                logger.warning("upstream polls are failing: %s", result.error)
+                logger.warning("upstream requests are failing: %s", result.error)
             self.state = "unreachable"
         else:
             self.state = "ok"

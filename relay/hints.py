@@ -8,7 +8,7 @@ contract fixes where to look: the generation id is the first string at `predicti
 
 A hint is advice, never the result: a terminal hint makes the relay fetch the generation at
 once, and the callback body is always that GET's body. Hints arrive at least once and out of
-order, so they carry a rank: a hint never moves a generation back to a lower rank.
+order, so they carry a rank (statuses.status_rank): a hint never moves a generation back.
 
 This module parses and ranks; it must not do I/O (the store applies hints, intake.py verifies
 and answers the request).
@@ -16,12 +16,12 @@ and answers the request).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from relay.upstream import FINAL_STATUSES, normalize_status
+from relay.schemas import is_generation_id
+from relay.statuses import FINAL_STATUSES, normalize_status, status_rank
 
 # Where the id may be, in the contract's order.
 ID_PATHS: tuple[tuple[str, ...], ...] = (
@@ -48,10 +48,6 @@ _EVENT_STATUSES = {
     "task.canceled": "CANCELED",
     "task.cancelled": "CANCELED",
 }
-_RANKS = {"IN_QUEUE": 1, "IN_PROGRESS": 2}
-TERMINAL_RANK = 3
-# The contract's generation id rule (schemas.py holds it for the API).
-_GENERATION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.:\-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,21 +67,12 @@ class Hint:
         return status_rank(self.status)
 
 
-def status_rank(status: str | None) -> int:
-    """How far along a status is: unknown 0, queued 1, running 2, any final status 3."""
-    if status is None:
-        return 0
-    if status in FINAL_STATUSES:
-        return TERMINAL_RANK
-    return _RANKS.get(status, 0)
-
-
 def parse_hint(payload: object) -> Hint | None:
     """The hint in a webhook payload, or None when it names no valid generation id."""
     if not isinstance(payload, Mapping):
         return None
     generation_id = _first_string(payload)
-    if generation_id is None or not _GENERATION_ID.fullmatch(generation_id):
+    if generation_id is None or not is_generation_id(generation_id):
         return None
     return Hint(generation_id, _status(payload))
 

@@ -68,14 +68,16 @@ def error_response(exc: ApiError) -> Response:
 # --- Reading requests -----------------------------------------------------------------------
 
 
-async def read_body(declared: str | None, chunks_in: AsyncIterator[bytes]) -> bytes:
-    """The body, refused with 413 past BODY_MAX_BYTES without reading it whole."""
+async def read_body(
+    declared: str | None, chunks_in: AsyncIterator[bytes], limit_bytes: int = BODY_MAX_BYTES
+) -> bytes:
+    """The body, refused with 413 past `limit_bytes` without reading it whole."""
     too_large = ApiError(
-        413, "payload_too_large", f"the request body is over {BODY_MAX_BYTES // 1024} KiB"
+        413, "payload_too_large", f"the request body is over {limit_bytes // 1024} KiB"
     )
     if declared is not None:
         try:
-            if int(declared) > BODY_MAX_BYTES:
+            if int(declared) > limit_bytes:
                 raise too_large
         except ValueError:
             raise ApiError(
@@ -85,7 +87,7 @@ async def read_body(declared: str | None, chunks_in: AsyncIterator[bytes]) -> by
     size = 0
     async for chunk in chunks_in:
         size += len(chunk)
-        if size > BODY_MAX_BYTES:
+        if size > limit_bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
@@ -171,6 +173,7 @@ class Operation:
     query: type[BaseModel] | None = None
     path: type[BaseModel] | None = None
     authenticated: bool = True
+    security: str = "bearer"  # the scheme (openapi.SECURITY_SCHEMES) when authenticated
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,17 @@ class DeliveryStatus(StrEnum):
     CANCELED = "canceled"
 
 
+class Listing(StrEnum):
+    """What batch sweeps know of a generation: the running list showed it (`listed`); a
+    complete list did not, so it is being fetched (`missing`); it was missing and still
+    running when fetched, so it is of another workspace or not listed yet (`unlisted`:
+    polled by id, and not fetched again for being absent)."""
+
+    LISTED = "listed"
+    MISSING = "missing"
+    UNLISTED = "unlisted"
+
+
 class CallbackEvent(StrEnum):
     COMPLETED = "generation.completed"
     FAILED = "generation.failed"
@@ -75,7 +86,7 @@ class CallbackEvent(StrEnum):
 
 
 # The event a generation that ended upstream is delivered as, by its final upstream status
-# (upstream.FINAL_STATUSES); a generation the relay gave up on is delivered as EXPIRED.
+# (statuses.FINAL_STATUSES); a generation the relay gave up on is delivered as EXPIRED.
 EVENT_BY_FINAL_STATUS: Mapping[str, CallbackEvent] = {
     "COMPLETED": CallbackEvent.COMPLETED,
     "FAILED": CallbackEvent.FAILED,
@@ -142,6 +153,13 @@ generations = Table(
     Column("not_found_since", UTCDateTime(), nullable=True),
     Column("last_error", Text, nullable=True),
     Column("lease_owner", String(40), nullable=True),
+    # Push hints (the upstream's webhooks): the furthest status one named (a hint never moves
+    # a generation back) and when the last arrived; set means push hints cover it.
+    Column("hint_status", String(32), nullable=True),
+    Column("hinted_at", UTCDateTime(), nullable=True),
+    # Batch sweeps: Listing, and when the running list last showed it.
+    Column("listing", String(16), nullable=True),
+    Column("listed_at", UTCDateTime(), nullable=True),
     _now_column("created_at"),
     _now_column("updated_at"),
     Index("ix_generations_due", "next_poll_at"),
@@ -233,4 +251,37 @@ delivery_attempts = Table(
     Column("response_excerpt", Text, nullable=True),
     Index("ix_delivery_attempts_subscription", "subscription_id", "id"),
     Index("ix_delivery_attempts_delivery", "delivery_id"),
+)
+
+# Push hints for generations nobody watches yet, kept RELAY_HINT_MEMORY seconds, so that the
+# subscription that follows needs no first poll.
+upstream_hints = Table(
+    "upstream_hints",
+    metadata,
+    Column("generation_id", String(128), primary_key=True),
+    Column("status", String(32), nullable=True),  # the furthest status hints named
+    Column("received_at", UTCDateTime(), nullable=False),
+    Index("ix_upstream_hints_received", "received_at"),
+)
+
+# Every upstream webhook accepted, by its `webhook-id`: a repeated one changes nothing.
+upstream_webhooks = Table(
+    "upstream_webhooks",
+    metadata,
+    Column("webhook_id", String(128), primary_key=True),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Index("ix_upstream_webhooks_received", "received_at"),
+)
+
+# What every node must agree on, one row per name: `hints` (at: when the last push hint
+# arrived), `sweep` (at: when the last sweep started; holder and until: the lease of the
+# node sweeping now), `sweep_off` (until: sweeps resume after the upstream said it has no
+# running list).
+relay_state = Table(
+    "relay_state",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("at", UTCDateTime(), nullable=True),
+    Column("holder", String(40), nullable=True),
+    Column("until", UTCDateTime(), nullable=True),
 )

@@ -68,10 +68,22 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
         },
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": SECURITY_SCHEMES,
         },
         "paths": paths,
     }
+
+
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "webhookSignature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "webhook-signature",
+        "description": "Standard Webhooks: webhook-id, webhook-timestamp and "
+        "webhook-signature, signed with one of RELAY_UPSTREAM_WEBHOOK_SECRET's secrets.",
+    },
+}
 
 
 def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +92,7 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
         "summary": operation.summary,
     }
     if operation.authenticated:
-        described["security"] = [{"bearer": []}]
+        described["security"] = [{operation.security: []}]
     parameters = []
     if operation.path is not None:
         parameters += _parameters(operation.path, "path", schemas)

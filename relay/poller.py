@@ -26,10 +26,12 @@ from relay.config import Settings
 from relay.database import Database
 from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.health import UpstreamHealth
-from relay.models import EVENT_BY_FINAL_STATUS, CallbackEvent, GenerationState
+from relay.models import EVENT_BY_FINAL_STATUS, CallbackEvent, GenerationState, Listing
 from relay.ratelimit import TokenBucket
-from relay.schedule import error_gap_s, poll_gap_s
-from relay.upstream import FINAL_STATUSES, PollResult, UpstreamClient
+from relay.schedule import TERMINAL_HINT_PATIENCE_S, error_gap_s, hinted_gap_s, poll_gap_s
+from relay.signals import Signals
+from relay.statuses import FINAL_STATUSES, TERMINAL_RANK, status_rank
+from relay.upstream import PollResult, UpstreamClient
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,10 @@ def plan_record(
     now: datetime,
     settings: Settings,
     rand: Callable[[], float],
+    hints_flowing: bool = False,
 ) -> store.PollRecord:
-    """What this poll changes on the generation's row (pure)."""
+    """What this poll changes on the generation's row (pure). `hints_flowing`: push hints
+    arrive, so a generation they reach is polled only as a safety net."""
     min_s, max_s = settings.poll_min_interval_s, settings.poll_max_interval_s
     values: dict[str, Any] = {"last_polled_at": now, "lease_owner": None}
     gap_s: float
@@ -75,6 +79,19 @@ def plan_record(
             unchanged = claimed.unchanged_polls + 1
         values["unchanged_polls"] = unchanged
         gap_s = poll_gap_s(unchanged, min_s, max_s, rand)
+        if hints_flowing and claimed.hinted_at is not None:
+            gap_s = max(gap_s, hinted_gap_s(settings.hinted_poll_interval_s, rand))
+        if claimed.listing == Listing.MISSING:
+            # Absent from a complete running list, yet running: of another workspace, or
+            # not listed yet. Polled by id from now on; absence alone no longer fetches it.
+            values["listing"] = Listing.UNLISTED
+        if status_rank(claimed.hint_status) == TERMINAL_RANK:
+            if claimed.hinted_at is not None and (
+                (now - claimed.hinted_at).total_seconds() < TERMINAL_HINT_PATIENCE_S
+            ):
+                gap_s = min_s  # the upstream's GET lags behind its webhook: ask again soon
+            else:
+                values["hint_status"] = None  # the GET is the source of truth
     else:
         errors = claimed.error_count + 1
         values.update(error_count=errors, last_error=store.storable(result.error))
@@ -100,7 +117,9 @@ def plan_record(
         )
         return _give_up(claimed.id, values, now, "RELAY_EXPIRED", message)
     values["next_poll_at"] = now + timedelta(seconds=gap_s)
-    return store.PollRecord(claimed.id, values)
+    # A terminal hint arriving while this poll was in flight brings the next poll forward.
+    soon_s = min_s if result.kind == "ok" else None
+    return store.PollRecord(claimed.id, values, after_terminal_hint_s=soon_s)
 
 
 def _give_up(
@@ -111,6 +130,12 @@ def _give_up(
     return store.PollRecord(
         generation_id, values, event=CallbackEvent.EXPIRED, notice_payload=notice
     )
+
+
+def upstream_budget(settings: Settings) -> TokenBucket:
+    """The cap on upstream requests per second of this process (polls and sweeps)."""
+    rate = settings.upstream_max_rps
+    return TokenBucket(rate, burst=max(1.0, rate))
 
 
 class Poller(Drainer[str, store.ClaimedGeneration]):
@@ -124,6 +149,8 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         owner: str,
         *,
         health: UpstreamHealth | None = None,
+        signals: Signals | None = None,
+        budget: TokenBucket | None = None,
         on_deliveries_queued: Callable[[], None] = lambda: None,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -137,9 +164,10 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         self._upstream = upstream
         self._rand = rand
         self.health = health or UpstreamHealth()
+        self._signals = signals
         self._on_deliveries_queued = on_deliveries_queued
-        rate = settings.upstream_max_rps
-        self._bucket = TokenBucket(rate, burst=max(1.0, rate))
+        # The upstream's request budget, shared with the sweeper when there is one.
+        self._bucket = budget or upstream_budget(settings)
 
     @property
     def in_flight_ids(self) -> list[str]:
@@ -172,7 +200,10 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
                     result.status,
                     claimed.id,
                 )
-            record = plan_record(claimed, result, self._db.now(), self._settings, self._rand)
+            hints_flowing = self._signals is not None and self._signals.hints_flowing()
+            record = plan_record(
+                claimed, result, self._db.now(), self._settings, self._rand, hints_flowing
+            )
             kept = await self._records.submit(record)
             if not kept:
                 logger.warning("lease on generation %s was lost; its poll is discarded", claimed.id)

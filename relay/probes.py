@@ -1,7 +1,8 @@
 """Liveness and readiness: /healthz and /readyz, served by every role, without a key.
 
-Readiness is whether the database answers, plus how the last upstream polls went (as the
-worker's UpstreamHealth saw them; "unknown" where no worker runs). Nothing else here.
+Readiness is whether the database answers, plus how the last upstream requests went (as the
+worker's UpstreamHealth saw them; "unknown" where no worker runs) and whether push hints
+flow (signals.py). Nothing else here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ async def readyz(request: Request) -> Response:
     body = {
         "database": "ok" if database_ok else "unavailable",
         "upstream": ctx.health.state if ctx.health is not None else "unknown",
+        "hints": ctx.signals.hints_state() if ctx.signals is not None else "off",
     }
     return json_response(body, 200 if database_ok else 503)
 
@@ -31,7 +33,7 @@ async def readyz(request: Request) -> Response:
 HEALTH = Operation("getHealth", "Liveness", {200: Answer("running", Health)}, authenticated=False)
 READINESS = Operation(
     "getReadiness",
-    "Readiness: the database answers; how the last polls went",
+    "Readiness: the database answers; how the last upstream requests went; push hints",
     {
         200: Answer("ready", Readiness),
         503: Answer("the database does not answer", Readiness),

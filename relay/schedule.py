@@ -73,6 +73,11 @@ def sweep_interval_s(
     return None
 
 
+# A terminal push hint the GET does not confirm yet is believed this long (the webhook may
+# outrun the GET), with polls at the shortest gap meanwhile; then the GET's word stands.
+TERMINAL_HINT_PATIENCE_S = 120.0
+
+
 def hinted_gap_s(hinted_interval_s: float, rand: Callable[[], float]) -> float:
     """Seconds until the safety-net poll of a generation push hints cover (jittered)."""
     return hinted_interval_s * (1.0 + JITTER * (2.0 * rand() - 1.0))

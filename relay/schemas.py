@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    RootModel,
     StringConstraints,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -33,6 +34,7 @@ from relay.models import SubscriptionStatus
 # --- Limits ---------------------------------------------------------------------------------
 
 BODY_MAX_BYTES = 64 * 1024
+HINT_BODY_MAX_BYTES = 256 * 1024  # an upstream webhook (push hint)
 METADATA_MAX_BYTES = 4 * 1024
 # The URL rule's own module (pure, also used at delivery time) holds the character limit.
 CALLBACK_URL_MAX_CHARS = MAX_URL_CHARS
@@ -51,6 +53,14 @@ GENERATION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$"
 GENERATION_ID_RULE = (
     f"must be 1-{GENERATION_ID_MAX_CHARS} characters of A-Z a-z 0-9 _ . : -, not only dots"
 )
+_GENERATION_ID = re.compile(GENERATION_ID_PATTERN)
+
+
+def is_generation_id(value: str) -> bool:
+    """Whether `value` follows the generation id rule (for ids from the upstream too)."""
+    return len(value) <= GENERATION_ID_MAX_CHARS and _GENERATION_ID.match(value) is not None
+
+
 # `sub_` + 26 Crockford base32 characters (ids.py): what every subscription id looks like.
 SUBSCRIPTION_ID_PATTERN = r"^sub_[0-9A-HJKMNP-TV-Z]{26}$"
 SUBSCRIPTION_ID_RULE = "must be a subscription id (sub_ and 26 characters of Crockford base32)"
@@ -267,4 +277,18 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     database: Literal["ok", "unavailable"]
-    upstream: Literal["ok", "unauthorized", "unreachable", "unknown"]
+    upstream: Literal["ok", "unauthorized", "unreachable", "unknown"] = Field(
+        description="How the last upstream requests went."
+    )
+    hints: Literal["ok", "silent", "off"] = Field(
+        description="Push hints: one arrived within RELAY_HINT_SILENCE (ok), none did "
+        "(silent), or RELAY_UPSTREAM_WEBHOOK_SECRET is unset (off)."
+    )
+
+
+class UpstreamWebhook(RootModel[dict[str, Any]]):
+    """One of the upstream's workspace webhooks (task.created, task.started,
+    task.completed, task.failed, task.canceled), signed per Standard Webhooks with one of
+    RELAY_UPSTREAM_WEBHOOK_SECRET's secrets. The generation id is the first string at
+    prediction.id, data.prediction.id, data.id, id, task_id or data.task_id; its state is
+    prediction.state, else prediction.status, else the event name in type."""

@@ -28,6 +28,7 @@ from relay.ids import new_id
 __all__ = [
     "SECRET_PREFIX",
     "SignatureError",
+    "check_secret",
     "generate_secret",
     "new_message_id",
     "sign",
@@ -60,6 +61,11 @@ def _key_bytes(secret: str) -> bytes:
     if not key:
         raise ValueError("signing secret is empty")
     return key
+
+
+def check_secret(secret: str) -> None:
+    """Raise ValueError (without the secret in it) unless `secret` is a usable whsec_ secret."""
+    _key_bytes(secret)
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -1,9 +1,8 @@
 """The upstream client: one poll of `GET {base}/v1/generation/{id}`, and the running list
 `GET {base}/v1/generations/running?limit=N` that batch sweeps read, each answer classified.
 
-Owns the upstream's quirks so the poller need not: statuses are case-insensitive and the old
-vocabulary is mapped (SUCCEEDED → COMPLETED, CANCELLED → CANCELED, STARTING → IN_QUEUE,
-PROCESSING → IN_PROGRESS); an unknown status is non-terminal. A 200 body must be a JSON object
+Owns the upstream's quirks so the poller need not: statuses are read in any spelling the
+upstream has used (statuses.normalize_status). A 200 body must be a JSON object
 with a string `status`, and is kept as the exact text upstream sent. Everything that goes
 wrong becomes a `PollResult` kind, never an exception.
 
@@ -16,7 +15,6 @@ concurrency.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -27,18 +25,10 @@ import orjson
 
 from relay import __version__
 from relay.retry import parse_retry_after
+from relay.schemas import is_generation_id
+from relay.statuses import normalize_status
 
 logger = logging.getLogger(__name__)
-
-FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED"})
-_ALIASES = {
-    "SUCCEEDED": "COMPLETED",
-    "SUCCESS": "COMPLETED",
-    "CANCELLED": "CANCELED",
-    "STARTING": "IN_QUEUE",
-    "QUEUED": "IN_QUEUE",
-    "PROCESSING": "IN_PROGRESS",
-}
 
 MAX_BODY_BYTES = 16 * 2**20  # a final result is a small JSON object; refuse a runaway body
 
@@ -47,15 +37,6 @@ ListKind = Literal["ok", "unsupported", "unauthorized", "rate_limited", "error"]
 LIST_MAX_BODY_BYTES = 2**20  # 100 items of {id, status, usage, input}: far below this
 # The answers of an upstream that has no running list: sweeps stop for a while.
 _UNSUPPORTED = frozenset({404, 405, 501})
-# The contract's generation id rule, for ids read from the running list.
-_GENERATION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.:\-]{1,128}")
-
-
-def normalize_status(raw: str) -> str:
-    """The canonical upper-case status for any spelling upstream has used."""
-    status = raw.strip().upper().replace("-", "_").replace(" ", "_")
-    # Stored in a 32-character column; an unknown status longer than that is still unknown.
-    return _ALIASES.get(status, status).replace("\x00", "")[:32]
 
 
 @dataclass(frozen=True)
@@ -247,6 +228,6 @@ def classify_list(
         if not isinstance(item, dict):
             continue
         gen_id, status = item.get("id"), item.get("status")
-        if isinstance(gen_id, str) and _GENERATION_ID.fullmatch(gen_id) and isinstance(status, str):
+        if isinstance(gen_id, str) and is_generation_id(gen_id) and isinstance(status, str):
             items.append(Listed(gen_id, normalize_status(status)))
     return RunningList(kind="ok", items=tuple(items), complete=len(body) < limit, http_status=200)

@@ -1,4 +1,5 @@
-"""The background worker: APScheduler ticks that drive the poller and the deliverer.
+"""The background worker: APScheduler ticks that drive the poller, the deliverer and the
+sweeper.
 
 APScheduler 3.x (`AsyncIOScheduler`, in-memory job store) is only the clock: every durable
 fact lives in the relay's tables, so any number of workers on one PostgreSQL database share
@@ -22,11 +23,15 @@ from relay.config import Settings
 from relay.database import Database
 from relay.deliverer import Deliverer
 from relay.poller import Poller
+from relay.sweeps import Sweeper
 
 logger = logging.getLogger(__name__)
 
 CLOCK_SYNC_S = 30.0
 PRUNE_EVERY_S = 300.0
+# A repeated upstream webhook is ignored while its id is remembered: a day outlasts any
+# sensible retry schedule of the sender.
+WEBHOOK_ID_MEMORY_S = 86400.0
 
 
 def tick_interval_s(settings: Settings) -> float:
@@ -37,25 +42,34 @@ def tick_interval_s(settings: Settings) -> float:
 
 class Worker:
     def __init__(
-        self, db: Database, settings: Settings, poller: Poller, deliverer: Deliverer
+        self,
+        db: Database,
+        settings: Settings,
+        poller: Poller,
+        deliverer: Deliverer,
+        sweeper: Sweeper | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self.poller = poller
         self.deliverer = deliverer
+        self.sweeper = sweeper
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._kicks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         tick_s = tick_interval_s(self.settings)
         lease_s = self.settings.lease_s
-        jobs = (
+        jobs: list[tuple[Callable[[], Coroutine[Any, Any, None]], float, str]] = [
             (self._tick_poller, tick_s, "poll"),
             (self._tick_deliverer, tick_s, "deliver"),
             (self._renew_leases, lease_s / 3, "renew-leases"),
             (self.db.sync_clock, CLOCK_SYNC_S, "clock"),
             (self._prune, PRUNE_EVERY_S, "prune"),
-        )
+        ]
+        if self.sweeper is not None:
+            # Twice per shortest sweep interval, so a due sweep is not late by much.
+            jobs.append((self.sweeper.tick, self.settings.sweep_min_interval_s / 2, "sweep"))
         for func, every_s, name in jobs:
             self._scheduler.add_job(
                 func,
@@ -98,6 +112,7 @@ class Worker:
     async def _prune(self) -> None:
         try:
             pruned = await store.prune(self.db, self.settings.retention_s)
+            await store.prune_hints(self.db, self.settings.hint_memory_s, WEBHOOK_ID_MEMORY_S)
         except Exception:
             logger.exception("pruning failed; it is retried later")
             return

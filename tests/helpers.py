@@ -38,6 +38,7 @@ from starlette.routing import Route
 from relay import store
 from relay.config import Settings
 from relay.database import open_database
+from relay.models import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("RELAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -105,9 +106,7 @@ def empty_pg_tables(url: str) -> None:
 
         conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
         try:
-            await conn.execute(
-                "TRUNCATE delivery_attempts, deliveries, subscriptions, generations, api_keys"
-            )
+            await conn.execute(f"TRUNCATE {', '.join(metadata.tables)}")
         finally:
             await conn.close()
 

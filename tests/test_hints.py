@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from relay.hints import Hint, parse_hint, status_rank
+from relay.hints import Hint, parse_hint
+from relay.statuses import status_rank
 
 
 @pytest.mark.parametrize(

@@ -20,23 +20,26 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(names.split())
     for names in (
         "relay relay.errors relay.ids relay.simulator",
-        "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit"
+        "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit relay.statuses"
         " relay.batching relay.hostslots",
         "relay.models relay.database relay.migrate",
         "relay.schemas",
         "relay.store",
         "relay.upstream relay.resolver relay.sender",
-        "relay.health relay.hints relay.draining relay.poller relay.deliverer",
+        "relay.health relay.signals relay.hints relay.draining relay.poller relay.deliverer"
+        " relay.sweeps",
         "relay.worker",
         "relay.http relay.auth",
-        "relay.api relay.probes relay.openapi",
+        "relay.api relay.probes relay.openapi relay.intake",
         "relay.app",
         "relay.cli",
     )
 )
 # The API's side and the worker's side are siblings: the API only queues work through the store
 # (and kicks a drain through callbacks app.py wires), it never imports what does the work.
-API_SIDE = frozenset(["relay.http", "relay.auth", "relay.api", "relay.probes", "relay.openapi"])
+API_SIDE = frozenset(
+    ["relay.http", "relay.auth", "relay.api", "relay.probes", "relay.openapi", "relay.intake"]
+)
 WORKER_SIDE = frozenset(
     [
         "relay.draining",
@@ -45,6 +48,7 @@ WORKER_SIDE = frozenset(
         "relay.sender",
         "relay.hostslots",
         "relay.worker",
+        "relay.sweeps",
     ]
 )
 HTTP_LIBRARIES = frozenset({"aiohttp", "starlette", "httpx", "uvicorn", "yarl"})

@@ -157,7 +157,8 @@ def test_the_document_is_openapi_3_1_built_from_the_models(served: Served) -> No
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
             if path.startswith("/v1/"):
                 assert "401" in operation["responses"], (method, path)
-                assert operation["security"] == [{"bearer": []}], (method, path)
+                expected = "webhookSignature" if path == "/v1/upstream/webhook" else "bearer"
+                assert operation["security"] == [{expected: []}], (method, path)
 
 
 async def test_create_links_to_every_operation_on_the_id_and_the_links_work(

@@ -22,7 +22,8 @@ from relay.schedule import (
     poll_gap_s,
     sweep_interval_s,
 )
-from relay.upstream import FINAL_STATUSES, PollResult, classify, normalize_status
+from relay.statuses import FINAL_STATUSES, normalize_status
+from relay.upstream import PollResult, classify
 from tests.helpers import constant
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)

@@ -15,7 +15,8 @@ that stopped polling: create and cancel both lock the generation row first.
 
 One module per table family: keys.py (API keys); creates.py and subscriptions.py (the API's
 side of subscriptions); generations.py (polls); deliveries.py and attempts.py (the outbox and
-what each attempt writes); housekeeping.py (pruning); seeding.py (bulk states for benchmarks
+what each attempt writes); hints.py and sweeps.py (push hints and batch sweeps); state.py
+(the little every node must agree on); housekeeping.py (pruning); seeding.py (bulk states for benchmarks
 and tests, not re-exported here). Callers use the names below as `store.<name>`. The store
 imports no HTTP code.
 """
@@ -28,6 +29,7 @@ from relay.store.creates import (
     CreateBatchOutcome,
     CreateRequest,
     CreateResult,
+    FirstPoll,
     create_subscriptions,
 )
 from relay.store.deliveries import (
@@ -45,8 +47,17 @@ from relay.store.generations import (
     record_polls,
     renew_generation_leases,
 )
-from relay.store.housekeeping import prune
+from relay.store.hints import HintOutcome, IncomingHint, apply_hints, end_safety_net
+from relay.store.housekeeping import prune, prune_hints
 from relay.store.keys import NewKey, authenticate, create_key, hash_api_key, list_keys, revoke_key
+from relay.store.state import (
+    SharedState,
+    note_hint,
+    read_state,
+    release_sweep,
+    take_sweep,
+    turn_sweeps_off,
+)
 from relay.store.subscriptions import (
     RedeliverConflict,
     cancel_subscription,
@@ -55,6 +66,7 @@ from relay.store.subscriptions import (
     list_subscriptions,
     redeliver,
 )
+from relay.store.sweeps import SweepCounts, SweepResult, apply_sweep, sweep_counts
 
 __all__ = [
     "AttemptRecord",
@@ -63,10 +75,18 @@ __all__ = [
     "CreateBatchOutcome",
     "CreateRequest",
     "CreateResult",
+    "FirstPoll",
+    "HintOutcome",
     "HostDeferral",
+    "IncomingHint",
     "NewKey",
     "PollRecord",
     "RedeliverConflict",
+    "SharedState",
+    "SweepCounts",
+    "SweepResult",
+    "apply_hints",
+    "apply_sweep",
     "authenticate",
     "cancel_subscription",
     "claim_due_deliveries",
@@ -74,18 +94,26 @@ __all__ = [
     "create_key",
     "create_subscriptions",
     "defer_hosts",
+    "end_safety_net",
     "get_subscription",
     "hash_api_key",
     "list_attempts",
     "list_keys",
     "list_subscriptions",
+    "note_hint",
     "prune",
+    "prune_hints",
+    "read_state",
     "record_attempts",
     "record_polls",
     "redeliver",
     "release_deliveries",
+    "release_sweep",
     "renew_delivery_leases",
     "renew_generation_leases",
     "revoke_key",
     "storable",
+    "sweep_counts",
+    "take_sweep",
+    "turn_sweeps_off",
 ]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, literal, select, update
+from sqlalchemy import bindparam, case, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
@@ -27,7 +27,9 @@ from relay.models import (
     generations,
     subscriptions,
 )
+from relay.statuses import TERMINAL_RANK, status_rank
 from relay.store._sql import any_of, delivery_row, insert_rows, retrying
+from relay.store.hints import remembered_hints
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,17 @@ class CreateResult:
     created: bool = False
 
 
+@dataclass(frozen=True)
+class FirstPoll:
+    """When a generation nobody was waiting for gets its first per-id poll: the detection
+    mode's call (signals.py), applied here. A push hint remembered for it wins: a terminal
+    one makes it due at once, an earlier stage sets its status and the safety-net delay."""
+
+    delay_s: float = 0.0  # no hint remembered
+    hint_memory_s: float | None = None  # None: push hints are off, nothing to look up
+    hinted_delay_s: float = 0.0
+
+
 @dataclass
 class CreateBatchOutcome:
     results: list[CreateResult]
@@ -54,7 +67,7 @@ class CreateBatchOutcome:
 
 
 async def create_subscriptions(
-    db: Database, requests: Sequence[CreateRequest]
+    db: Database, requests: Sequence[CreateRequest], first_poll: FirstPoll = FirstPoll()
 ) -> CreateBatchOutcome:
     """Create many subscriptions in one transaction (the API batches concurrent creates).
 
@@ -65,13 +78,17 @@ async def create_subscriptions(
 
     async def work() -> CreateBatchOutcome:
         async with db.transaction() as conn:
-            return await _create_subscriptions(conn, db.now(), requests, db.is_postgres)
+            return await _create_subscriptions(conn, db.now(), requests, first_poll, db.is_postgres)
 
     return await retrying(work, on_integrity_error=True)
 
 
 async def _create_subscriptions(
-    conn: AsyncConnection, now: datetime, requests: Sequence[CreateRequest], postgres: bool
+    conn: AsyncConnection,
+    now: datetime,
+    requests: Sequence[CreateRequest],
+    first_poll: FirstPoll,
+    postgres: bool,
 ) -> CreateBatchOutcome:
     outcome = CreateBatchOutcome(results=[])
     hashes = {r.key_hash for r in requests}
@@ -87,7 +104,7 @@ async def _create_subscriptions(
     gen_ids = sorted({r.generation_id for r in valid})
     gens: dict[str, dict[str, Any]] = {}
     if gen_ids:
-        gens = await _lock_or_create_generations(conn, now, gen_ids, postgres)
+        gens = await _lock_or_create_generations(conn, now, gen_ids, first_poll, postgres)
 
     existing: dict[tuple[str, str, str], dict[str, Any]] = {}
     if gen_ids:
@@ -142,7 +159,11 @@ async def _create_subscriptions(
 
 
 async def _lock_or_create_generations(
-    conn: AsyncConnection, now: datetime, gen_ids: list[str], postgres: bool
+    conn: AsyncConnection,
+    now: datetime,
+    gen_ids: list[str],
+    first_poll: FirstPoll,
+    postgres: bool,
 ) -> dict[str, dict[str, Any]]:
     """Lock (PostgreSQL) the generations' rows, creating missing ones; wake idle/expired ones.
     Returns each generation's id, state, status and next_poll_at as they now are."""
@@ -163,11 +184,15 @@ async def _lock_or_create_generations(
         row["id"]: dict(row) for row in (await conn.execute(query)).mappings()
     }
     missing = [gid for gid in gen_ids if gid not in found]
-    await insert_rows(
-        conn, generations, [new_generation_row(gid, now) for gid in missing], postgres
-    )
     asleep = (GenerationState.IDLE, GenerationState.EXPIRED)
     wake = [gid for gid, row in found.items() if row["state"] in asleep]
+    starts = await _first_polls(conn, now, [*missing, *wake], first_poll, postgres)
+    await insert_rows(
+        conn,
+        generations,
+        [new_generation_row(gid, now) | starts[gid] for gid in missing],
+        postgres,
+    )
     if wake:
         # A new subscriber gives an idle generation its polling back, and an expired one a
         # fresh TTL: the relay gave up on it for earlier subscribers, not for this one.
@@ -176,7 +201,6 @@ async def _lock_or_create_generations(
             .where(any_of(generations.c.id, wake, postgres))
             .values(
                 state=GenerationState.POLLING,
-                next_poll_at=now,
                 updated_at=now,
                 first_subscribed_at=func.coalesce(
                     # idle keeps its TTL clock; expired starts a new one
@@ -187,16 +211,65 @@ async def _lock_or_create_generations(
                 result=None,
                 unchanged_polls=0,
                 error_count=0,
+                listing=None,
             )
         )
+        await _set_first_polls(conn, {gid: starts[gid] for gid in wake})
     for gid in [*missing, *wake]:
+        start = starts[gid]
         found[gid] = {
             "id": gid,
             "state": GenerationState.POLLING,
-            "status": found.get(gid, {}).get("status"),
-            "next_poll_at": now,
+            "status": start.get("status", found.get(gid, {}).get("status")),
+            "next_poll_at": start["next_poll_at"],
         }
     return found
+
+
+async def _first_polls(
+    conn: AsyncConnection,
+    now: datetime,
+    gen_ids: Sequence[str],
+    first_poll: FirstPoll,
+    postgres: bool,
+) -> dict[str, dict[str, Any]]:
+    """Each starting generation's first poll, and what a remembered push hint said of it."""
+    starts: dict[str, dict[str, Any]] = {
+        gid: {"next_poll_at": now + timedelta(seconds=first_poll.delay_s)} for gid in gen_ids
+    }
+    if first_poll.hint_memory_s is None or not gen_ids:
+        return starts
+    since = now - timedelta(seconds=first_poll.hint_memory_s)
+    for gid, (status, received_at) in (
+        await remembered_hints(conn, gen_ids, since, postgres)
+    ).items():
+        start = starts[gid]
+        start.update(hint_status=status, hinted_at=received_at)
+        if status_rank(status) == TERMINAL_RANK:
+            start["next_poll_at"] = now  # one GET fetches the final body
+        elif status_rank(status) > 0:
+            start.update(
+                status=status,
+                status_changed_at=received_at,
+                next_poll_at=now + timedelta(seconds=first_poll.hinted_delay_s),
+            )
+    return starts
+
+
+async def _set_first_polls(conn: AsyncConnection, starts: dict[str, dict[str, Any]]) -> None:
+    """Write woken generations' first polls, one statement per shape of start."""
+    by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for gid, start in starts.items():
+        by_shape.setdefault(tuple(sorted(start)), []).append(
+            {"g_id": gid, **{f"v_{k}": v for k, v in start.items()}}
+        )
+    for shape, rows in by_shape.items():
+        await conn.execute(
+            update(generations)
+            .where(generations.c.id == bindparam("g_id"))
+            .values({k: bindparam(f"v_{k}", type_=generations.c[k].type) for k in shape}),
+            rows,
+        )
 
 
 def new_subscription_row(
@@ -228,6 +301,11 @@ def new_generation_row(gen_id: str, now: datetime) -> dict[str, Any]:
         "next_poll_at": now,
         "created_at": now,
         "updated_at": now,
+        # Set by a remembered push hint (creates._first_polls); every row has the same keys,
+        # so a batch is one insert.
+        "status_changed_at": None,
+        "hint_status": None,
+        "hinted_at": None,
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
@@ -26,6 +26,7 @@ from relay.models import (
     generations,
     subscriptions,
 )
+from relay.statuses import FINAL_STATUSES
 from relay.store._leases import GENERATION_LEASES
 from relay.store._sql import any_of, delivery_row, insert_rows, retrying
 
@@ -39,6 +40,9 @@ class ClaimedGeneration:
     unchanged_polls: int
     error_count: int
     not_found_since: datetime | None
+    hint_status: str | None = None  # the furthest status push hints named
+    hinted_at: datetime | None = None  # set: push hints cover this generation
+    listing: str | None = None  # models.Listing
 
 
 async def claim_due_generations(
@@ -66,6 +70,9 @@ class PollRecord:
     values: Mapping[str, Any]
     event: CallbackEvent | None = None
     notice_payload: str | None = None
+    # Not final, yet a terminal push hint may arrive while the poll is in flight: then poll
+    # again this soon (the upstream's GET may lag behind its webhook).
+    after_terminal_hint_s: float | None = None
 
 
 async def _record_polls_once(db: Database, owner: str, records: Sequence[PollRecord]) -> list[bool]:
@@ -74,12 +81,18 @@ async def _record_polls_once(db: Database, owner: str, records: Sequence[PollRec
     async with db.transaction() as conn:
         ids = [r.generation_id for r in records]
         held = await GENERATION_LEASES.held(conn, owner, ids, postgres)
+        hinted_final = await _hinted_final(conn, [r for r in records if r.generation_id in held])
         # One executemany per shape of change (final, error, still running...).
         by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for record in records:
             if record.generation_id not in held:
                 continue
             values = {**record.values, "updated_at": now}
+            soon_s = record.after_terminal_hint_s
+            if soon_s is not None and record.generation_id in hinted_final:
+                values["next_poll_at"] = min(
+                    values["next_poll_at"], now + timedelta(seconds=soon_s)
+                )
             shape = tuple(sorted(values))
             by_shape.setdefault(shape, []).append(
                 {"g_id": record.generation_id, **{f"v_{k}": v for k, v in values.items()}}
@@ -117,6 +130,18 @@ async def _record_polls_once(db: Database, owner: str, records: Sequence[PollRec
                 )
             await insert_rows(conn, deliveries, new_deliveries, postgres)
     return [r.generation_id in held for r in records]
+
+
+async def _hinted_final(conn: AsyncConnection, records: Sequence[PollRecord]) -> set[str]:
+    """Which generations a terminal push hint has reached, of those whose record would
+    otherwise wait (the rows are locked already)."""
+    ids = [r.generation_id for r in records if r.after_terminal_hint_s is not None]
+    if not ids:
+        return set()
+    query = select(generations.c.id).where(
+        generations.c.id.in_(ids), generations.c.hint_status.in_(FINAL_STATUSES)
+    )
+    return set((await conn.execute(query)).scalars())
 
 
 async def record_polls(db: Database, owner: str, records: Sequence[PollRecord]) -> list[bool]:

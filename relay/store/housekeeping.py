@@ -1,5 +1,6 @@
 """Housekeeping: prune finished subscriptions, their deliveries and attempts, and finished
-generations nobody subscribes to, once they are older than the retention period.
+generations nobody subscribes to, once they are older than the retention period; and push
+hints nobody came for, and accepted webhook ids, once they cannot matter any more.
 
 Owns deleting old rows. Never touches an active subscription or a polling
 generation; one node prunes at a time (an advisory lock on PostgreSQL).
@@ -21,6 +22,8 @@ from relay.models import (
     delivery_attempts,
     generations,
     subscriptions,
+    upstream_hints,
+    upstream_webhooks,
 )
 from relay.store._sql import any_of
 
@@ -108,3 +111,25 @@ async def _prune_generations(
     if gen_ids:
         await conn.execute(delete(generations).where(any_of(generations.c.id, gen_ids, postgres)))
     return gen_ids
+
+
+async def prune_hints(
+    db: Database, hints_older_than_s: float, webhook_ids_older_than_s: float, batch: int = 5000
+) -> int:
+    """Forget remembered hints past the hint memory, and accepted webhook ids past the time a
+    repeat could still come, in batches. Returns how many rows went."""
+    now = db.now()
+    total = 0
+    for table, column, age_s in (
+        (upstream_hints, upstream_hints.c.received_at, hints_older_than_s),
+        (upstream_webhooks, upstream_webhooks.c.received_at, webhook_ids_older_than_s),
+    ):
+        key = table.primary_key.columns.values()[0]
+        old = select(key).where(column < now - timedelta(seconds=age_s)).limit(batch)
+        while True:
+            async with db.transaction() as conn:
+                gone = (await conn.execute(delete(table).where(key.in_(old)))).rowcount
+            total += gone
+            if gone < batch:
+                break
+    return total

@@ -1,0 +1,142 @@
+"""Batch sweeps: one request lists up to 100 running generations, in place of a per-id poll of
+each of them.
+
+A tick decides whether a sweep pays for itself now (schedule.sweep_interval_s, from how many
+generations a sweep would cover and how much of them the last list covered), and if so
+becomes the one node sweeping (store.take_sweep: one sweep at a time across every process
+sharing the database, never more often than the interval), asks the upstream for its running
+list through the same request budget as polls, and applies it (store.apply_sweep): listed
+generations need no per-id poll for a while; with a complete list, watched generations
+missing from it are fetched at once. An upstream that answers 404, 405 or 501 has no list:
+sweeps stop for an hour, cluster-wide.
+
+This module decides when and asks; it writes no SQL and polls no generation by id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from relay import store
+from relay.config import Settings
+from relay.database import Database
+from relay.health import UpstreamHealth
+from relay.ratelimit import TokenBucket
+from relay.schedule import sweep_interval_s
+from relay.signals import Signals
+from relay.upstream import RunningList, UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+LIST_LIMIT = 100  # the most the running list gives (upstream.md)
+COUNTS_MAX_AGE_S = 2.0  # how long a count of sweepable generations is trusted
+SWEEPS_OFF_S = 3600.0  # after the upstream said it has no running list
+
+
+class Sweeper:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        upstream: UpstreamClient,
+        budget: TokenBucket,
+        signals: Signals,
+        health: UpstreamHealth,
+        owner: str,
+        *,
+        on_polls_queued: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = db
+        self._settings = settings
+        self._upstream = upstream
+        self._budget = budget
+        self._signals = signals
+        self._health = health
+        self._owner = owner
+        self._on_polls_queued = on_polls_queued
+        self._clock = clock
+        self._counts: store.SweepCounts | None = None
+        self._counted_at = -COUNTS_MAX_AGE_S
+        # How much of what a sweep could cover the last list showed (1 for a complete list):
+        # with more running generations than the list holds, a sweep covers only part.
+        self.coverage = 1.0
+        self.interval_s: float | None = None  # the cadence decided last; None: no sweep pays
+        self._last_sweep = -float("inf")  # this node's last sweep (monotonic)
+
+    async def tick(self) -> None:
+        """Sweep if a sweep pays for itself now and it is this node's turn."""
+        try:
+            await self._tick()
+        except Exception:
+            logger.exception("sweep failed; the next tick tries again")
+
+    async def _tick(self) -> None:
+        if self._signals.sweeps_off():
+            self.interval_s = None
+            return
+        counts = await self._count()
+        self.interval_s = sweep_interval_s(
+            counts.covered * self.coverage,
+            counts.hinted_due * self.coverage,
+            self._settings.sweep_min_interval_s,
+            self._settings.poll_max_interval_s,
+        )
+        if self.interval_s is None or self._clock() - self._last_sweep < self.interval_s:
+            return
+        lease_s = self._settings.upstream_timeout_s + 5
+        sent_at = await store.take_sweep(self._db, self._owner, self.interval_s, lease_s)
+        if sent_at is None:
+            return  # another node sweeps, or did a moment ago
+        self._last_sweep = self._clock()
+        try:
+            await self._budget.take()
+            answer = await self._upstream.list_running(LIST_LIMIT)
+            await self._apply(answer, sent_at, counts)
+        finally:
+            await store.release_sweep(self._db, self._owner)
+
+    async def _count(self) -> store.SweepCounts:
+        if self._counts is None or self._clock() - self._counted_at > COUNTS_MAX_AGE_S:
+            due_before = self._db.now() + timedelta(seconds=self._settings.sweep_min_interval_s)
+            self._counts = await store.sweep_counts(
+                self._db, self._signals.hints_flowing(), due_before
+            )
+            self._counted_at = self._clock()
+        return self._counts
+
+    async def _apply(
+        self, answer: RunningList, sent_at: datetime, counts: store.SweepCounts
+    ) -> None:
+        self._health.observe(answer)
+        if answer.kind == "ok":
+            cover_until = self._db.now() + timedelta(seconds=self._settings.poll_max_interval_s)
+            result = await store.apply_sweep(
+                self._db, answer.items, answer.complete, sent_at, cover_until
+            )
+            sweepable = max(1, counts.total)
+            self.coverage = 1.0 if answer.complete else min(1.0, result.listed / sweepable)
+            self._counts = None  # what is due has changed
+            logger.debug(
+                "sweep: %d running listed (%s), %d watched listed, %d missing fetched now",
+                len(answer.items),
+                "complete" if answer.complete else "may be cut short",
+                result.listed,
+                result.missing,
+            )
+            if result.missing:
+                self._on_polls_queued()
+        elif answer.kind == "unsupported":
+            until = self._db.now() + timedelta(seconds=SWEEPS_OFF_S)
+            await store.turn_sweeps_off(self._db, until)
+            logger.warning(
+                "the upstream has no running list (%s): batch sweeps are off for %g s, "
+                "generations are polled by id",
+                answer.error,
+                SWEEPS_OFF_S,
+            )
+        elif answer.kind == "rate_limited":
+            self._budget.pause(min(answer.retry_after_s or self._settings.poll_min_interval_s, 60))
