@@ -46,6 +46,7 @@ HTTP surface (JSON shapes of the control API in `relay.simulator.control`):
     GET  /_fake/generations/{id}/polls          poll count and times of one id
     GET  /_fake/stats                           totals
     GET  /_fake/creates                         every create as it arrived
+    GET  /_fake/lists                           how many running-list calls, and when
     POST /_fake/reset                           clear counters (optionally generations, faults, webhooks)
     GET  /_fake/faults, PUT /_fake/faults       global fault settings
     GET  /_fake/webhooks, PUT /_fake/webhooks   webhook settings ("url": null turns them off)

@@ -19,6 +19,7 @@ JSON shapes (errors are `{"error": <code>, "message": <text>}` with 400, 404 or 
 - `GET /_fake/creates` -> `{"total", "items": [{"id", "path", "content_type", "bytes",
   "sha256", "at", "sse", "status"}, ...]}`: every create that passed the auth check, oldest
   first (`id` null when refused).
+- `GET /_fake/lists` -> `{"total", "times": [unix seconds, ...]}`: every running-list call.
 - `POST /_fake/reset` optional `{"generations": bool, "faults": bool, "webhooks": bool}` ->
   200; clears counters and stats always, releases hung polls, and optionally drops every
   generation (ending its SSE streams and every pending timer), restores the configured
@@ -144,6 +145,9 @@ def control_routes(sim: FakeUpstream) -> list[Route]:
     async def stats(request: Request) -> Response:
         return json_response(sim.stats())
 
+    async def lists(request: Request) -> Response:
+        return json_response({"total": sim.list_total, "times": list(sim.list_times)})
+
     async def creates(request: Request) -> Response:
         items = [record.to_json() for record in sim.creates]
         return json_response({"total": len(items), "items": items})
@@ -178,6 +182,7 @@ def control_routes(sim: FakeUpstream) -> list[Route]:
         Route("/_fake/generations/{id}/polls", polls, methods=["GET"]),
         Route("/_fake/stats", stats, methods=["GET"]),
         Route("/_fake/creates", creates, methods=["GET"]),
+        Route("/_fake/lists", lists, methods=["GET"]),
         Route("/_fake/reset", reset, methods=["POST"]),
         Route("/_fake/faults", faults, methods=["GET", "PUT"]),
         Route("/_fake/webhooks", webhooks, methods=["GET", "PUT"]),

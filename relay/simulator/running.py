@@ -95,6 +95,7 @@ def _item(gen: Generation, now_mono: float) -> dict[str, object]:
 async def list_running(sim: FakeUpstream, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer GET /v1/generations/running: the switch, then faults and auth, then the list."""
     sim.list_total += 1
+    sim.list_times.append(time.time())
     faults = sim.faults
     prepared = _MISSING.get(faults.running_list_status or 0)
     if prepared is None:

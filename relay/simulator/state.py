@@ -77,6 +77,7 @@ class FakeUpstream:
         self.unknown_id_polls = 0
         self.by_status_code: dict[int, int] = {}
         self.list_total = 0  # GET /v1/generations/running calls, apart from polls
+        self.list_times: array.array[float] = array.array("d")  # their wall-clock times
         self.list_by_status_code: dict[int, int] = {}
         self.creates: list[CreateRecord] = []  # every create that passed the auth check
         self.fault_counts = {"hang": 0, "error": 0, "rate_limit": 0, "malformed": 0}
