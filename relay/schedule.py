@@ -47,17 +47,21 @@ def _jittered(base: float, min_s: float, max_s: float, rand: Callable[[], float]
 
 # Sweeps: one request lists up to 100 running generations, replacing the per-id polls of
 # every generation it lists. Each generation a sweep covers is budgeted one list request per
-# SWEEP_BUDGET_S (about what the adaptive per-id schedule spends on a generation across the
-# mix, and a third of what a 3-second loop spends), so the sweep cadence speeds up with the
-# number of generations it covers: every 10 s for one (never used: see below), every second
-# from ten on. A sweep must cover at least two generations: for one, a sweep and then the GET
-# of its final body cost more than polling it by id.
-SWEEP_BUDGET_S = 10.0
+# SWEEP_BUDGET_GAPS shortest poll gaps (10 s with the defaults: about what the adaptive per-id
+# schedule spends on a generation across the mix, and a third of what a 3-second loop
+# spends), so the sweep cadence speeds up with the number of generations it covers: every
+# 5 s for two, every second from ten on. A sweep must cover at least two generations: for
+# one, a sweep and then the GET of its final body cost more than polling it by id.
+SWEEP_BUDGET_GAPS = 5.0
 SWEEP_MIN_COVERED = 2.0
 
 
 def sweep_interval_s(
-    covered: float, hinted_due: float, min_interval_s: float, max_interval_s: float
+    covered: float,
+    hinted_due: float,
+    min_interval_s: float,
+    max_interval_s: float,
+    budget_s: float,
 ) -> float | None:
     """Seconds between sweeps, or None when no sweep pays for itself now.
 
@@ -65,9 +69,10 @@ def sweep_interval_s(
     (not covered by flowing push hints); `hinted_due`: generations covered by push hints
     whose safety-net poll is due, expected to be listed. Push hints detect finals by
     themselves, so their generations make a sweep pay only by replacing due safety polls.
+    `budget_s`: how often each covered generation may cost a list request.
     """
     if covered >= SWEEP_MIN_COVERED:
-        return min(max(min_interval_s, SWEEP_BUDGET_S / covered), max_interval_s)
+        return min(max(min_interval_s, budget_s / covered), max_interval_s)
     if hinted_due >= SWEEP_MIN_COVERED:
         return min_interval_s
     return None

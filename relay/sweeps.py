@@ -25,7 +25,7 @@ from relay.config import Settings
 from relay.database import Database
 from relay.health import UpstreamHealth
 from relay.ratelimit import TokenBucket
-from relay.schedule import sweep_interval_s
+from relay.schedule import SWEEP_BUDGET_GAPS, sweep_interval_s
 from relay.signals import Signals
 from relay.upstream import RunningList, UpstreamClient
 
@@ -84,6 +84,7 @@ class Sweeper:
             counts.hinted_due * self.coverage,
             self._settings.sweep_min_interval_s,
             self._settings.poll_max_interval_s,
+            SWEEP_BUDGET_GAPS * self._settings.poll_min_interval_s,
         )
         if self.interval_s is None or self._clock() - self._last_sweep < self.interval_s:
             return

@@ -16,7 +16,7 @@ from relay.poller import plan_record
 from relay.schedule import (
     GROWTH,
     JITTER,
-    SWEEP_BUDGET_S,
+    SWEEP_BUDGET_GAPS,
     error_gap_s,
     hinted_gap_s,
     poll_gap_s,
@@ -418,25 +418,28 @@ def test_429_without_retry_after_backs_off_exponentially() -> None:
 # --- Sweep cadence ---------------------------------------------------------------------------
 
 
+BUDGET_S = SWEEP_BUDGET_GAPS * 2.0  # with the default shortest poll gap
+
+
 def test_no_sweep_pays_for_fewer_than_two_covered_generations() -> None:
     """One pending generation is cheaper to poll by id than to sweep and then fetch."""
-    assert sweep_interval_s(0, 0, 1.0, 30.0) is None
-    assert sweep_interval_s(1.9, 1.9, 1.0, 30.0) is None
+    assert sweep_interval_s(0, 0, 1.0, 30.0, BUDGET_S) is None
+    assert sweep_interval_s(1.9, 1.9, 1.0, 30.0, BUDGET_S) is None
 
 
 def test_the_sweep_cadence_speeds_up_with_the_generations_it_covers() -> None:
-    """Every generation covered is budgeted one list request per SWEEP_BUDGET_S."""
-    assert sweep_interval_s(2, 0, 1.0, 30.0) == pytest.approx(SWEEP_BUDGET_S / 2)
-    assert sweep_interval_s(5, 0, 1.0, 30.0) == pytest.approx(SWEEP_BUDGET_S / 5)
-    assert sweep_interval_s(10, 0, 1.0, 30.0) == pytest.approx(1.0)
-    assert sweep_interval_s(10_000, 0, 1.0, 30.0) == 1.0  # never under the minimum
-    assert sweep_interval_s(2, 0, 1.0, 3.0) == 3.0  # never over the longest per-id gap
+    """Every generation covered is budgeted one list request per budget_s."""
+    assert sweep_interval_s(2, 0, 1.0, 30.0, BUDGET_S) == pytest.approx(BUDGET_S / 2)
+    assert sweep_interval_s(5, 0, 1.0, 30.0, BUDGET_S) == pytest.approx(BUDGET_S / 5)
+    assert sweep_interval_s(10, 0, 1.0, 30.0, BUDGET_S) == pytest.approx(1.0)
+    assert sweep_interval_s(10_000, 0, 1.0, 30.0, BUDGET_S) == 1.0  # never under the minimum
+    assert sweep_interval_s(2, 0, 1.0, 3.0, BUDGET_S) == 3.0  # never over the longest gap
 
 
 def test_hint_covered_generations_make_a_sweep_pay_only_with_due_safety_polls() -> None:
     """Hints detect finals; a sweep then pays only by replacing due safety-net polls."""
-    assert sweep_interval_s(0, 1, 1.0, 30.0) is None
-    assert sweep_interval_s(0, 3, 2.0, 30.0) == 2.0
+    assert sweep_interval_s(0, 1, 1.0, 30.0, BUDGET_S) is None
+    assert sweep_interval_s(0, 3, 2.0, 30.0, BUDGET_S) == 2.0
 
 
 def test_hinted_gap_is_the_safety_interval_with_jitter() -> None:

@@ -14,12 +14,13 @@ JSON shapes (errors are `{"error": <code>, "message": <text>}` with 400, 404 or 
   "final_at"}`; also for ids that do not exist (`status`/`final_at` null). `final_at` is
   the scheduled time, in the future while not final.
 - `GET /_fake/stats` -> `{"polls", "unknown_id_polls", "by_status_code": {"200": n, ...},
-  "list_total", "list_by_status_code": {...}, "create_total", "faults": {"hang", "error", "rate_limit",
+  "list_total", "lists_in_flight_max", "list_by_status_code": {...}, "create_total", "faults": {"hang", "error", "rate_limit",
   "malformed"}, "generations": {"total", <status>: n, ...}}`. List calls are not polls.
 - `GET /_fake/creates` -> `{"total", "items": [{"id", "path", "content_type", "bytes",
   "sha256", "at", "sse", "status"}, ...]}`: every create that passed the auth check, oldest
   first (`id` null when refused).
-- `GET /_fake/lists` -> `{"total", "times": [unix seconds, ...]}`: every running-list call.
+- `GET /_fake/lists` -> `{"total", "times": [unix seconds, ...], "max_in_flight"}`: every
+  running-list call, and the most answered at once.
 - `POST /_fake/reset` optional `{"generations": bool, "faults": bool, "webhooks": bool}` ->
   200; clears counters and stats always, releases hung polls, and optionally drops every
   generation (ending its SSE streams and every pending timer), restores the configured
@@ -146,7 +147,10 @@ def control_routes(sim: FakeUpstream) -> list[Route]:
         return json_response(sim.stats())
 
     async def lists(request: Request) -> Response:
-        return json_response({"total": sim.list_total, "times": list(sim.list_times)})
+        times = list(sim.list_times)
+        return json_response(
+            {"total": sim.list_total, "times": times, "max_in_flight": sim.lists_in_flight_max}
+        )
 
     async def creates(request: Request) -> Response:
         items = [record.to_json() for record in sim.creates]

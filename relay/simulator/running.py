@@ -93,21 +93,32 @@ def _item(gen: Generation, now_mono: float) -> dict[str, object]:
 
 
 async def list_running(sim: FakeUpstream, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer GET /v1/generations/running: the switch, then faults and auth, then the list."""
+    """Answer GET /v1/generations/running: the switch, then faults and auth, then the list.
+    Calls in flight at once are counted (`lists_in_flight_max`): clients that must not
+    overlap their calls can be checked."""
     sim.list_total += 1
     sim.list_times.append(time.time())
+    sim.lists_in_flight += 1
+    sim.lists_in_flight_max = max(sim.lists_in_flight_max, sim.lists_in_flight)
+    try:
+        prepared = await _prepare(sim, scope, receive)
+    finally:
+        sim.lists_in_flight -= 1
+    codes = sim.list_by_status_code
+    codes[prepared[0]] = codes.get(prepared[0], 0) + 1
+    await send_answer(send, prepared)
+
+
+async def _prepare(sim: FakeUpstream, scope: Scope, receive: Receive) -> Answer:
     faults = sim.faults
     prepared = _MISSING.get(faults.running_list_status or 0)
     if prepared is None:
         prepared = await request_faults(sim, faults, scope, receive)
-    if prepared is None:
-        limit = _parse_limit(scope["query_string"])
-        if limit is None:
-            prepared = _BAD_LIMIT
-        else:
-            now = time.monotonic()
-            items = [_item(gen, now) for gen in sim.running.newest(limit, now)]
-            prepared = answer(200, orjson.dumps(items))
-    codes = sim.list_by_status_code
-    codes[prepared[0]] = codes.get(prepared[0], 0) + 1
-    await send_answer(send, prepared)
+    if prepared is not None:
+        return prepared
+    limit = _parse_limit(scope["query_string"])
+    if limit is None:
+        return _BAD_LIMIT
+    now = time.monotonic()
+    items = [_item(gen, now) for gen in sim.running.newest(limit, now)]
+    return answer(200, orjson.dumps(items))

@@ -78,6 +78,8 @@ class FakeUpstream:
         self.by_status_code: dict[int, int] = {}
         self.list_total = 0  # GET /v1/generations/running calls, apart from polls
         self.list_times: array.array[float] = array.array("d")  # their wall-clock times
+        self.lists_in_flight = 0
+        self.lists_in_flight_max = 0
         self.list_by_status_code: dict[int, int] = {}
         self.creates: list[CreateRecord] = []  # every create that passed the auth check
         self.fault_counts = {"hang": 0, "error": 0, "rate_limit": 0, "malformed": 0}
@@ -123,6 +125,7 @@ class FakeUpstream:
             "unknown_id_polls": self.unknown_id_polls,
             "by_status_code": _by_code(self.by_status_code),
             "list_total": self.list_total,
+            "lists_in_flight_max": self.lists_in_flight_max,
             "list_by_status_code": _by_code(self.list_by_status_code),
             "create_total": len(self.creates),
             "faults": dict(self.fault_counts),
