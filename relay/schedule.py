@@ -24,6 +24,20 @@ def poll_gap_s(
     return _jittered(base, min_s, max_s, rand)
 
 
+def unchanged_polls_for(age_s: float, min_s: float, max_s: float) -> int:
+    """How many unchanged polls the adaptive schedule would have made in `age_s` seconds
+    without a status change: what a generation that sweeps listed (instead of polling it)
+    resumes per-id polling from, so its next gap fits its age."""
+    polls, elapsed_s = 0, 0.0
+    while polls < 64:
+        gap_s = min(max_s, min_s * GROWTH**polls)
+        if elapsed_s + gap_s > age_s or gap_s >= max_s:
+            break
+        elapsed_s += gap_s
+        polls += 1
+    return polls
+
+
 def error_gap_s(
     error_count: int,
     min_s: float,
@@ -46,36 +60,47 @@ def _jittered(base: float, min_s: float, max_s: float, rand: Callable[[], float]
 
 
 # Sweeps: one request lists up to 100 running generations, replacing the per-id polls of
-# every generation it lists. Each generation a sweep covers is budgeted one list request per
-# SWEEP_BUDGET_GAPS shortest poll gaps (10 s with the defaults: about what the adaptive per-id
-# schedule spends on a generation across the mix, and a third of what a 3-second loop
-# spends), so the sweep cadence speeds up with the number of generations it covers: every
-# 5 s for two, every second from ten on. A sweep must cover at least two generations: for
-# one, a sweep and then the GET of its final body cost more than polling it by id.
+# every generation it lists. A sweep pays for itself when it replaces at least SWEEP_REPLACES
+# per-id polls: a generation that relies on polls costs about one per SWEEP_BUDGET_GAPS
+# shortest gaps (10 s with the defaults: relay's adaptive schedule across the mix), one that
+# push hints cover one per HINTED_BUDGET_INTERVALS safety-net intervals. The cadence is the
+# fastest that pays, never under RELAY_SWEEP_MIN_INTERVAL, and never slower than the per-id
+# polls it replaces (else they would do as well): with the defaults a sweep every 2 s from
+# ten polled generations, every second from twenty; with one generation, never.
+SWEEP_REPLACES = 2.0
 SWEEP_BUDGET_GAPS = 5.0
-SWEEP_MIN_COVERED = 2.0
+HINTED_BUDGET_INTERVALS = 3.0
 
 
 def sweep_interval_s(
     covered: float,
+    hinted: float,
     hinted_due: float,
+    *,
     min_interval_s: float,
-    max_interval_s: float,
-    budget_s: float,
+    poll_min_interval_s: float,
+    hinted_interval_s: float,
 ) -> float | None:
     """Seconds between sweeps, or None when no sweep pays for itself now.
 
-    `covered`: generations a sweep is expected to list that rely on polling for detection
-    (not covered by flowing push hints); `hinted_due`: generations covered by push hints
-    whose safety-net poll is due, expected to be listed. Push hints detect finals by
-    themselves, so their generations make a sweep pay only by replacing due safety polls.
-    `budget_s`: how often each covered generation may cost a list request.
+    `covered`: generations a sweep is expected to list that rely on polls to detect their
+    final status; `hinted`: those push hints cover (a sweep is their cheap safety net for a
+    lost hint); `hinted_due`: of those, the ones whose safety-net poll is due.
     """
-    if covered >= SWEEP_MIN_COVERED:
-        return min(max(min_interval_s, budget_s / covered), max_interval_s)
-    if hinted_due >= SWEEP_MIN_COVERED:
-        return min_interval_s
-    return None
+    candidates = []
+    if covered > 0:
+        budget_s = SWEEP_BUDGET_GAPS * poll_min_interval_s
+        interval_s = max(min_interval_s, SWEEP_REPLACES * budget_s / covered)
+        if interval_s <= poll_min_interval_s:
+            candidates.append(interval_s)
+    if hinted > 0:
+        budget_s = HINTED_BUDGET_INTERVALS * hinted_interval_s
+        interval_s = max(min_interval_s, SWEEP_REPLACES * budget_s / hinted)
+        if interval_s <= hinted_interval_s:
+            candidates.append(interval_s)
+    if hinted_due >= SWEEP_REPLACES:
+        candidates.append(min_interval_s)
+    return min(candidates, default=None)
 
 
 # A terminal push hint the GET does not confirm yet is believed this long (the webhook may

@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
 HINT_WRITE_EVERY_S = 1.0  # a node writes the cluster's last-hint time at most this often
-SWEEP_GRACE_S = 1.0  # a new generation waits this much past the next sweep's start
 
 HintsState = Literal["off", "ok", "silent"]
 
@@ -93,7 +92,8 @@ class Signals:
         planned = self._shared.next_sweep_at
         if planned is None or self.sweeps_off():
             return None
-        if planned < self._db.now() - timedelta(seconds=SWEEP_GRACE_S):
+        grace_s = self._settings.sweep_min_interval_s
+        if planned < self._db.now() - timedelta(seconds=grace_s):
             return None  # the last plan lapsed: sweeps stopped paying
         return planned
 
@@ -106,7 +106,7 @@ class Signals:
         planned = self.next_sweep_at()
         if planned is not None:
             # The next sweep lists it (no poll needed) or finds it gone (fetched at once).
-            wait_s = (planned - self._db.now()).total_seconds() + SWEEP_GRACE_S
+            wait_s = (planned - self._db.now()).total_seconds() + settings.sweep_min_interval_s
             delay_s = min(max(wait_s, 0.0), settings.poll_max_interval_s)
         elif self.hints_flowing():
             # Its task.created hint is on its way; a generation no hint reaches is polled

@@ -25,14 +25,13 @@ from relay.config import Settings
 from relay.database import Database
 from relay.health import UpstreamHealth
 from relay.ratelimit import TokenBucket
-from relay.schedule import SWEEP_BUDGET_GAPS, sweep_interval_s
+from relay.schedule import sweep_interval_s, unchanged_polls_for
 from relay.signals import Signals
 from relay.upstream import RunningList, UpstreamClient
 
 logger = logging.getLogger(__name__)
 
 LIST_LIMIT = 100  # the most the running list gives (upstream.md)
-COUNTS_MAX_AGE_S = 2.0  # how long a count of sweepable generations is trusted
 SWEEPS_OFF_S = 3600.0  # after the upstream said it has no running list
 
 
@@ -60,7 +59,8 @@ class Sweeper:
         self._on_polls_queued = on_polls_queued
         self._clock = clock
         self._counts: store.SweepCounts | None = None
-        self._counted_at = -COUNTS_MAX_AGE_S
+        self._counted_at = -float("inf")
+        self._sweeping = False
         # How much of what a sweep could cover the last list showed (1 for a complete list):
         # with more running generations than the list holds, a sweep covers only part.
         self.coverage = 1.0
@@ -68,23 +68,31 @@ class Sweeper:
         self._last_sweep = -float("inf")  # this node's last sweep (monotonic)
 
     async def tick(self) -> None:
-        """Sweep if a sweep pays for itself now and it is this node's turn."""
+        """Sweep if a sweep pays for itself now and it is this node's turn; a tick that comes
+        while a sweep runs does nothing."""
+        if self._sweeping:
+            return
+        self._sweeping = True
         try:
             await self._tick()
         except Exception:
             logger.exception("sweep failed; the next tick tries again")
+        finally:
+            self._sweeping = False
 
     async def _tick(self) -> None:
         if self._signals.sweeps_off():
             self.interval_s = None
             return
         counts = await self._count()
+        settings = self._settings
         self.interval_s = sweep_interval_s(
             counts.covered * self.coverage,
+            (counts.total - counts.covered) * self.coverage,
             counts.hinted_due * self.coverage,
-            self._settings.sweep_min_interval_s,
-            self._settings.poll_max_interval_s,
-            SWEEP_BUDGET_GAPS * self._settings.poll_min_interval_s,
+            min_interval_s=settings.sweep_min_interval_s,
+            poll_min_interval_s=settings.poll_min_interval_s,
+            hinted_interval_s=settings.hinted_poll_interval_s,
         )
         if self.interval_s is None or self._clock() - self._last_sweep < self.interval_s:
             return
@@ -101,7 +109,10 @@ class Sweeper:
             await store.release_sweep(self._db, self._owner)
 
     async def _count(self) -> store.SweepCounts:
-        if self._counts is None or self._clock() - self._counted_at > COUNTS_MAX_AGE_S:
+        """What a sweep would cover, counted at most every two shortest sweep intervals (a
+        count reads every polling generation)."""
+        max_age_s = 2 * self._settings.sweep_min_interval_s
+        if self._counts is None or self._clock() - self._counted_at > max_age_s:
             due_before = self._db.now() + timedelta(seconds=self._settings.sweep_min_interval_s)
             self._counts = await store.sweep_counts(
                 self._db, self._signals.hints_flowing(), due_before
@@ -114,9 +125,20 @@ class Sweeper:
     ) -> None:
         self._health.observe(answer)
         if answer.kind == "ok":
-            cover_until = self._db.now() + timedelta(seconds=self._settings.poll_max_interval_s)
+            # Listed generations need no per-id poll until a little after the next sweeps;
+            # if sweeps stop paying, their per-id polls resume that soon.
+            assert self.interval_s is not None
+            cover_s = 2 * self.interval_s + self._settings.sweep_min_interval_s
+            cover_until = self._db.now() + timedelta(seconds=cover_s)
+            settings = self._settings
+
+            def unchanged_for(age_s: float) -> int:
+                return unchanged_polls_for(
+                    age_s, settings.poll_min_interval_s, settings.poll_max_interval_s
+                )
+
             result = await store.apply_sweep(
-                self._db, answer.items, answer.complete, sent_at, cover_until
+                self._db, answer.items, answer.complete, sent_at, cover_until, unchanged_for
             )
             sweepable = max(1, counts.total)
             self.coverage = 1.0 if answer.complete else min(1.0, result.listed / sweepable)

@@ -69,7 +69,7 @@ class Worker:
         ]
         if self.sweeper is not None:
             # Twice per shortest sweep interval, so a due sweep is not late by much.
-            jobs.append((self.sweeper.tick, self.settings.sweep_min_interval_s / 2, "sweep"))
+            jobs.append((self._tick_sweeper, self.settings.sweep_min_interval_s / 2, "sweep"))
         for func, every_s, name in jobs:
             self._scheduler.add_job(
                 func,
@@ -90,6 +90,10 @@ class Worker:
 
     async def _tick_deliverer(self) -> None:
         self.kick_deliverer()
+
+    async def _tick_sweeper(self) -> None:
+        if self.sweeper is not None:
+            self._kick(self.sweeper.tick)
 
     def kick_poller(self) -> None:
         self._kick(self.poller.tick)

@@ -17,10 +17,12 @@ from relay.schedule import (
     GROWTH,
     JITTER,
     SWEEP_BUDGET_GAPS,
+    SWEEP_REPLACES,
     error_gap_s,
     hinted_gap_s,
     poll_gap_s,
     sweep_interval_s,
+    unchanged_polls_for,
 )
 from relay.statuses import FINAL_STATUSES, normalize_status
 from relay.upstream import PollResult, classify
@@ -418,28 +420,45 @@ def test_429_without_retry_after_backs_off_exponentially() -> None:
 # --- Sweep cadence ---------------------------------------------------------------------------
 
 
-BUDGET_S = SWEEP_BUDGET_GAPS * 2.0  # with the default shortest poll gap
+def interval(covered: float = 0, hinted: float = 0, hinted_due: float = 0) -> float | None:
+    """The cadence with the defaults: sweeps at most every 1 s, polls 2-30 s, net 300 s."""
+    return sweep_interval_s(
+        covered,
+        hinted,
+        hinted_due,
+        min_interval_s=1.0,
+        poll_min_interval_s=2.0,
+        hinted_interval_s=300.0,
+    )
 
 
-def test_no_sweep_pays_for_fewer_than_two_covered_generations() -> None:
-    """One pending generation is cheaper to poll by id than to sweep and then fetch."""
-    assert sweep_interval_s(0, 0, 1.0, 30.0, BUDGET_S) is None
-    assert sweep_interval_s(1.9, 1.9, 1.0, 30.0, BUDGET_S) is None
+def test_no_sweep_pays_below_about_ten_polled_generations() -> None:
+    """A sweep must replace two per-id polls, and come at least as often as the shortest
+    per-id gap: from ten generations at the defaults; never for one."""
+    assert interval() is None
+    assert interval(covered=1) is None
+    assert interval(covered=9) is None
+    assert interval(covered=10) == pytest.approx(2.0)
 
 
 def test_the_sweep_cadence_speeds_up_with_the_generations_it_covers() -> None:
-    """Every generation covered is budgeted one list request per budget_s."""
-    assert sweep_interval_s(2, 0, 1.0, 30.0, BUDGET_S) == pytest.approx(BUDGET_S / 2)
-    assert sweep_interval_s(5, 0, 1.0, 30.0, BUDGET_S) == pytest.approx(BUDGET_S / 5)
-    assert sweep_interval_s(10, 0, 1.0, 30.0, BUDGET_S) == pytest.approx(1.0)
-    assert sweep_interval_s(10_000, 0, 1.0, 30.0, BUDGET_S) == 1.0  # never under the minimum
-    assert sweep_interval_s(2, 0, 1.0, 3.0, BUDGET_S) == 3.0  # never over the longest gap
+    """Each polled generation is budgeted a list request per SWEEP_BUDGET_GAPS shortest
+    gaps, two generations' worth per sweep, never under the minimum interval."""
+    assert interval(covered=10) == pytest.approx(SWEEP_REPLACES * SWEEP_BUDGET_GAPS * 2.0 / 10)
+    assert interval(covered=15) == pytest.approx(20.0 / 15)
+    assert interval(covered=20) == pytest.approx(1.0)
+    assert interval(covered=10_000) == 1.0
 
 
-def test_hint_covered_generations_make_a_sweep_pay_only_with_due_safety_polls() -> None:
-    """Hints detect finals; a sweep then pays only by replacing due safety-net polls."""
-    assert sweep_interval_s(0, 1, 1.0, 30.0, BUDGET_S) is None
-    assert sweep_interval_s(0, 3, 2.0, 30.0, BUDGET_S) == 2.0
+def test_hint_covered_generations_are_swept_rarely_as_a_safety_net() -> None:
+    """Hints detect finals; a sweep over many hinted generations catches a lost hint long
+    before the per-id safety net, at a small share of a request per generation."""
+    assert interval(hinted=1) is None
+    assert interval(hinted=100) == pytest.approx(SWEEP_REPLACES * 3 * 300.0 / 100)
+    assert interval(hinted=5) is None  # 360 s: no sooner than the per-id safety net
+    assert interval(hinted_due=1) is None
+    assert interval(hinted_due=3) == 1.0  # due safety polls: a sweep replaces them
+    assert interval(covered=20, hinted=100) == 1.0  # the faster need wins
 
 
 def test_hinted_gap_is_the_safety_interval_with_jitter() -> None:
@@ -447,3 +466,16 @@ def test_hinted_gap_is_the_safety_interval_with_jitter() -> None:
     assert hinted_gap_s(300.0, mid) == pytest.approx(300.0)
     assert hinted_gap_s(300.0, constant(0.0)) == pytest.approx(270.0)
     assert hinted_gap_s(300.0, constant(1.0)) == pytest.approx(330.0)
+
+
+def test_a_listed_generation_resumes_per_id_polls_at_the_gap_its_age_calls_for() -> None:
+    """The polls the adaptive schedule would have made in a time, unchanged: 2, 3, 4.5 ...
+    seconds apart, up to where the gap reaches its maximum."""
+    assert unchanged_polls_for(0.0, 2.0, 30.0) == 0
+    assert unchanged_polls_for(1.9, 2.0, 30.0) == 0
+    assert unchanged_polls_for(2.0, 2.0, 30.0) == 1
+    assert unchanged_polls_for(5.0, 2.0, 30.0) == 2
+    assert unchanged_polls_for(9.5, 2.0, 30.0) == 3
+    steps = unchanged_polls_for(10_000.0, 2.0, 30.0)
+    assert poll_gap_s(steps, 2.0, 30.0, mid) == pytest.approx(30.0)
+    assert poll_gap_s(steps - 1, 2.0, 30.0, mid) < 30.0

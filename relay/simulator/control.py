@@ -11,8 +11,9 @@ JSON shapes (errors are `{"error": <code>, "message": <text>}` with 400, 404 or 
   `{"id", "status", "final_at", "body"}`; idempotent for the same status, 409 if it is
   already final with another.
 - `GET /_fake/generations/{id}/polls` -> 200 `{"id", "count", "times", "status",
-  "final_at"}`; also for ids that do not exist (`status`/`final_at` null). `final_at` is
-  the scheduled time, in the future while not final.
+  "final_at", "final_hint_at"}`; also for ids that do not exist (`status`/`final_at` null).
+  `final_at` is the scheduled time, in the future while not final; `final_hint_at` when its
+  terminal webhook was first answered 2xx (null if never).
 - `GET /_fake/stats` -> `{"polls", "unknown_id_polls", "by_status_code": {"200": n, ...},
   "list_total", "lists_in_flight_max", "list_by_status_code": {...}, "create_total", "faults": {"hang", "error", "rate_limit",
   "malformed"}, "generations": {"total", <status>: n, ...}}`. List calls are not polls.

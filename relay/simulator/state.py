@@ -113,6 +113,7 @@ class FakeUpstream:
             "times": self.poll_times(gen_id),
             "status": None if gen is None else gen.status_at(time.monotonic()),
             "final_at": None if gen is None else gen.final_at,
+            "final_hint_at": self.webhooks.final_delivered_at.get(gen_id),
         }
 
     def stats(self) -> dict[str, Any]:

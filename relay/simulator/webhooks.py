@@ -40,6 +40,7 @@ class _Send:
     msg_id: str
     body: bytes
     bad_signature: bool
+    final_of: str | None  # the generation, when this is its terminal event
 
 
 def _fresh_counters() -> dict[str, int]:
@@ -67,6 +68,9 @@ class WebhookEmitter:
         self._rng = random.Random(f"{seed}:webhooks")
         self._keys: list[bytes] = []
         self.counters = _fresh_counters()
+        # When each generation's terminal event was first answered 2xx (unix seconds): what
+        # benchmarks read to tell a hint-driven detection from a polled one.
+        self.final_delivered_at: dict[str, float] = {}
         self._queue: asyncio.Queue[_Send] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -85,6 +89,7 @@ class WebhookEmitter:
 
     def reset_counters(self) -> None:
         self.counters = _fresh_counters()
+        self.final_delivered_at.clear()
 
     def reached(self, gen: Generation, phase: int) -> None:
         """Emit the events of every phase after the last one emitted for `gen`, up to `phase`."""
@@ -116,7 +121,9 @@ class WebhookEmitter:
         for _ in range(copies):
             delay_s = settings.delay_s + self._rng.uniform(0.0, settings.delay_jitter_s)
             bad = self._rng.random() < settings.bad_signature_rate
-            self._timers.call_at(now + delay_s, self._enqueue, _Send(msg_id, body, bad))
+            final_of = gen.id if phase == FINAL else None
+            send = _Send(msg_id, body, bad, final_of)
+            self._timers.call_at(now + delay_s, self._enqueue, send)
 
     def _enqueue(self, item: _Send) -> None:
         # Runs on the serving loop (a Timers callback), where the pool may be started.
@@ -162,6 +169,8 @@ class WebhookEmitter:
         except (aiohttp.ClientError, TimeoutError):
             ok = False
         self.counters["delivered" if ok else "failed"] += 1
+        if ok and item.final_of is not None:
+            self.final_delivered_at.setdefault(item.final_of, time.time())
 
     def stats(self) -> dict[str, int]:
         waiting = 0 if self._queue is None else self._queue.qsize()

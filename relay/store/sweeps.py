@@ -13,7 +13,7 @@ The sweeper decides when to sweep and with what; this module only counts and app
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -71,15 +71,19 @@ async def apply_sweep(
     complete: bool,
     sent_at: datetime,
     cover_until: datetime,
+    unchanged_polls_for: Callable[[float], int],
 ) -> SweepResult:
     """Apply one running list (items with `generation_id` and `status`), in one transaction.
     `sent_at`: when the list was asked for; only generations subscribed before it can be
-    missing from it."""
+    missing from it. `unchanged_polls_for(age_s)`: where a listed generation's per-id
+    schedule stands, by the time its status has not changed, for when per-id polls resume."""
 
     async def work() -> SweepResult:
         now = db.now()
         async with db.transaction() as conn:
-            shown = await _apply_listed(conn, now, listed, cover_until, db.is_postgres)
+            shown = await _apply_listed(
+                conn, now, listed, cover_until, unchanged_polls_for, db.is_postgres
+            )
             missing = 0
             if complete:
                 ids = [item.generation_id for item in listed]
@@ -94,6 +98,7 @@ async def _apply_listed(
     now: datetime,
     listed: Sequence[Any],
     cover_until: datetime,
+    unchanged_polls_for: Callable[[float], int],
     postgres: bool,
 ) -> int:
     statuses = {item.generation_id: item.status for item in listed}
@@ -104,6 +109,8 @@ async def _apply_listed(
             generations.c.id,
             generations.c.status,
             generations.c.status_changed_at,
+            generations.c.first_subscribed_at,
+            generations.c.unchanged_polls,
             generations.c.hint_status,
             generations.c.lease_owner,
             generations.c.next_poll_at,
@@ -120,7 +127,11 @@ async def _apply_listed(
     for row in rows:
         status = furthest(row["status"], statuses[row["id"]])
         if status != row["status"]:
-            row["status"], row["status_changed_at"] = status, now
+            row["status"], row["status_changed_at"], row["unchanged_polls"] = status, now, 0
+        else:
+            since = row["status_changed_at"] or row["first_subscribed_at"]
+            age_polls = unchanged_polls_for((now - since).total_seconds())
+            row["unchanged_polls"] = max(row["unchanged_polls"], age_polls)
         lease_free = row["lease_owner"] is None or row["next_poll_at"] <= now
         # A terminal hint says the list may be late: its fetch stays due.
         if lease_free and status_rank(row["hint_status"]) < TERMINAL_RANK:
@@ -133,6 +144,7 @@ async def _apply_listed(
             listed_at=now,
             status=bindparam("g_status"),
             status_changed_at=bindparam("g_changed", type_=generations.c.status_changed_at.type),
+            unchanged_polls=bindparam("g_unchanged"),
             next_poll_at=bindparam("g_next", type_=generations.c.next_poll_at.type),
         ),
         [
@@ -140,6 +152,7 @@ async def _apply_listed(
                 "g_id": row["id"],
                 "g_status": row["status"],
                 "g_changed": row["status_changed_at"],
+                "g_unchanged": row["unchanged_polls"],
                 "g_next": row["next_poll_at"],
             }
             for row in rows
