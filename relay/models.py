@@ -71,11 +71,13 @@ class Listing(StrEnum):
     """What batch sweeps know of a generation: the running list showed it (`listed`); a
     complete list did not, so it is being fetched (`missing`); it was missing and still
     running when fetched, so it is of another workspace or not listed yet (`unlisted`:
-    polled by id, and not fetched again for being absent)."""
+    polled by id, and not fetched again for being absent); a list cut short no longer
+    showed it (`dropped`: fetched, since it may have ended; if not, polled by id)."""
 
     LISTED = "listed"
     MISSING = "missing"
     UNLISTED = "unlisted"
+    DROPPED = "dropped"
 
 
 class CallbackEvent(StrEnum):

@@ -85,6 +85,8 @@ def plan_record(
             # Absent from a complete running list, yet running: of another workspace, or
             # not listed yet. Polled by id from now on; absence alone no longer fetches it.
             values["listing"] = Listing.UNLISTED
+        elif claimed.listing == Listing.DROPPED:
+            values["listing"] = None  # pushed off a list cut short: back to per-id polls
         if status_rank(claimed.hint_status) == TERMINAL_RANK:
             if claimed.hinted_at is not None and (
                 (now - claimed.hinted_at).total_seconds() < TERMINAL_HINT_PATIENCE_S

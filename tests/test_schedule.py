@@ -3,6 +3,7 @@ normalize_status) and what one poll changes on a generation (poller.plan_record)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -12,6 +13,7 @@ import pytest
 
 from relay import store
 from relay.config import Settings
+from relay.models import Listing
 from relay.poller import plan_record
 from relay.schedule import (
     GROWTH,
@@ -479,3 +481,44 @@ def test_a_listed_generation_resumes_per_id_polls_at_the_gap_its_age_calls_for()
     steps = unchanged_polls_for(10_000.0, 2.0, 30.0)
     assert poll_gap_s(steps, 2.0, 30.0, mid) == pytest.approx(30.0)
     assert poll_gap_s(steps - 1, 2.0, 30.0, mid) < 30.0
+
+
+# --- poller.plan_record with push hints and sweeps ----------------------------------------
+
+
+def test_a_generation_hints_reach_is_polled_only_as_a_safety_net_while_they_flow() -> None:
+    """Hinted and hints flowing: the next per-id poll comes after the hinted interval; not
+    hinted, or hints silent: the adaptive gap."""
+    hinted = claimed(hinted_at=NOW - timedelta(seconds=5))
+    settings = dataclasses.replace(SETTINGS, hinted_poll_interval_s=300.0)
+    assert gap_of(plan_record(hinted, ok("IN_QUEUE"), NOW, settings, mid, True)) == 300.0
+    assert gap_of(plan_record(hinted, ok("IN_QUEUE"), NOW, settings, mid, False)) == 3.0
+    assert gap_of(plan_record(claimed(), ok("IN_QUEUE"), NOW, settings, mid, True)) == 3.0
+
+
+def test_a_terminal_hint_the_get_does_not_confirm_yet_brings_the_next_poll_close() -> None:
+    """A recent terminal hint with a GET still running: the shortest gap; an old one is
+    dropped and the GET's word stands."""
+    fresh = claimed(hint_status="COMPLETED", hinted_at=NOW - timedelta(seconds=1))
+    record = plan_record(fresh, ok("IN_PROGRESS"), NOW, SETTINGS, mid, True)
+    assert gap_of(record) == SETTINGS.poll_min_interval_s
+    assert "hint_status" not in record.values
+    stale = claimed(hint_status="COMPLETED", hinted_at=NOW - timedelta(seconds=600))
+    record = plan_record(stale, ok("IN_PROGRESS"), NOW, SETTINGS, mid, False)
+    assert record.values["hint_status"] is None
+    assert record.after_terminal_hint_s == SETTINGS.poll_min_interval_s
+
+
+@pytest.mark.parametrize(
+    ("listing", "becomes"),
+    [(Listing.MISSING, Listing.UNLISTED), (Listing.DROPPED, None)],
+)
+def test_a_fetch_for_absence_that_finds_it_running_sets_its_listing(
+    listing: Listing, becomes: Listing | None
+) -> None:
+    """Missing from a complete list yet running: another workspace's (unlisted); dropped
+    from a list cut short yet running: back to per-id polls."""
+    record = plan_record(claimed(listing=listing), ok("IN_PROGRESS"), NOW, SETTINGS, mid)
+    assert record.values["listing"] == becomes
+    final = plan_record(claimed(listing=listing), ok("COMPLETED"), NOW, SETTINGS, mid)
+    assert "listing" not in final.values

@@ -6,7 +6,10 @@ next per-id poll pushed out to `cover_until` (if sweeps stop, per-id polling res
 itself then). A watched generation missing from a complete list is not running in this
 workspace: it is made due at once (`missing`), and the poll that fetches it finds it final,
 or still running elsewhere (`unlisted`, poller.plan_record), after which absence alone never
-fetches it again. A poll in flight keeps its lease: its row is left alone.
+fetches it again. A list cut short proves only what it shows; but a generation an earlier
+list showed and this one does not has most likely ended, so it is fetched too (`dropped`):
+one GET, the one that brings its final body, or else it goes back to per-id polls. A poll
+in flight keeps its lease: its row is left alone.
 
 The sweeper decides when to sweep and with what; this module only counts and applies.
 """
@@ -41,7 +44,7 @@ class SweepCounts:
 @dataclass(frozen=True)
 class SweepResult:
     listed: int  # watched polling generations the list showed
-    missing: int  # watched generations absent from a complete list, now due
+    missing: int  # watched generations absent from the list and now due (missing, dropped)
 
 
 def _sweepable() -> Any:
@@ -84,10 +87,8 @@ async def apply_sweep(
             shown = await _apply_listed(
                 conn, now, listed, cover_until, unchanged_polls_for, db.is_postgres
             )
-            missing = 0
-            if complete:
-                ids = [item.generation_id for item in listed]
-                missing = await _mark_missing(conn, now, ids, sent_at, db.is_postgres)
+            ids = [item.generation_id for item in listed]
+            missing = await _mark_missing(conn, now, ids, sent_at, complete, db.is_postgres)
         return SweepResult(listed=shown, missing=missing)
 
     return await retrying(work)
@@ -166,16 +167,25 @@ async def _mark_missing(
     now: datetime,
     listed_ids: Sequence[str],
     sent_at: datetime,
+    complete: bool,
     postgres: bool,
 ) -> int:
+    """Make due the watched generations this list should have shown and did not: with a
+    complete list every one subscribed before it was asked for; with one cut short, those an
+    earlier list showed."""
     conditions = [
         _sweepable(),
-        generations.c.first_subscribed_at < sent_at,
         or_(generations.c.lease_owner.is_(None), generations.c.next_poll_at <= now),
     ]
+    if complete:
+        conditions.append(generations.c.first_subscribed_at < sent_at)
+        mark = Listing.MISSING
+    else:
+        conditions += [generations.c.listing == Listing.LISTED, generations.c.listed_at < sent_at]
+        mark = Listing.DROPPED
     if listed_ids:
         conditions.append(not_(any_of(generations.c.id, listed_ids, postgres)))
     result = await conn.execute(
-        update(generations).where(*conditions).values(listing=Listing.MISSING, next_poll_at=now)
+        update(generations).where(*conditions).values(listing=mark, next_poll_at=now)
     )
     return int(result.rowcount)
