@@ -159,3 +159,17 @@ def test_a_list_call_does_not_walk_every_generation_held() -> None:
         assert len(sim.running.newest(100, time.monotonic())) == 100
     # 100 calls of 100 items take milliseconds; 100 walks of 30,000 would take seconds.
     assert time.perf_counter() - started < 0.5
+
+
+async def test_list_calls_are_logged_with_their_time_and_concurrency(
+    client: httpx.AsyncClient,
+) -> None:
+    """/_fake/lists gives every list call's time and the most answered at once."""
+    await set_faults(client, latency_s=0.2)
+    before = time.time()
+    await asyncio.gather(*(client.get(RUNNING) for _ in range(3)))
+    await set_faults(client, latency_s=0)
+    lists = (await client.get("/_fake/lists")).json()
+    assert lists["total"] == 3 and len(lists["times"]) == 3
+    assert all(before <= t <= time.time() for t in lists["times"])
+    assert lists["max_in_flight"] == 3

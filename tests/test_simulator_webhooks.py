@@ -246,3 +246,24 @@ async def test_settings_are_validated(client: httpx.AsyncClient, receiver: Recei
     assert current["url"] == f"{receiver.url}/hook"
     assert (current["loss_rate"], current["id_location"]) == (0.25, "data.prediction.id")
     assert len(current["events"]) == 5
+
+
+async def test_the_poll_record_tells_when_the_terminal_webhook_was_answered(
+    client: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    """final_hint_at: when the receiver first answered the terminal event 2xx; null while it
+    has not (or the event was lost)."""
+    await hooks_on(client, receiver)
+    created = await create(client, family="video", queue_s=0, run_s=60)
+    record = (await client.get(f"/_fake/generations/{created['id']}/polls")).json()
+    assert record["final_hint_at"] is None
+    finished = (await client.post(f"/_fake/generations/{created['id']}/finish")).json()
+    await received(receiver, 3)
+
+    async def answered() -> float | None:
+        polls = (await client.get(f"/_fake/generations/{created['id']}/polls")).json()
+        value: float | None = polls["final_hint_at"]
+        return value
+
+    final_hint_at = await wait_for(answered)
+    assert finished["final_at"] <= final_hint_at <= receiver.on("/hook")[-1].at + 0.5
