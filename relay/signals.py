@@ -58,12 +58,15 @@ class Signals:
         return max(times) if times else None
 
     def hints_flowing(self) -> bool:
+        """A hint arrived within RELAY_HINT_SILENCE at any node (a node without the secret
+        follows the cluster: another node takes the hints in)."""
         last = self.last_hint_at()
-        if not self.hints_configured or last is None:
+        if last is None:
             return False
         return (self._db.now() - last).total_seconds() <= self._settings.hint_silence_s
 
     def hints_state(self) -> HintsState:
+        """For /readyz: this node's intake is off without a secret."""
         if not self.hints_configured:
             return "off"
         return "ok" if self.hints_flowing() else "silent"
@@ -112,9 +115,10 @@ class Signals:
             # Its task.created hint is on its way; a generation no hint reaches is polled
             # after the longest gap of the normal schedule.
             delay_s = settings.poll_max_interval_s
+        hints_on = self.hints_configured or self._shared.last_hint_at is not None
         return store.FirstPoll(
             delay_s=delay_s,
-            hint_memory_s=settings.hint_memory_s if self.hints_configured else None,
+            hint_memory_s=settings.hint_memory_s if hints_on else None,
             hinted_delay_s=settings.hinted_poll_interval_s,
         )
 
@@ -123,12 +127,12 @@ class Signals:
     async def refresh(self) -> None:
         """Read the shared facts, and report a change in whether hints flow."""
         self._shared = await store.read_state(self._db)
-        if not self.hints_configured:
-            return
         flowing = self.hints_flowing()
         if flowing == self._flowing:
             return
         previous, self._flowing = self._flowing, flowing
+        if previous is None and not flowing and not self.hints_configured:
+            return  # hints were never part of this relay
         if flowing:
             logger.info(
                 "push hints are flowing: generations they reach are polled by id only every "
