@@ -16,7 +16,8 @@ import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from relay import api, probes
+from relay import __version__, admin, api, probes
+from relay.admin import AdminContext
 from relay.api import ApiContext
 from relay.config import Settings
 from relay.database import open_database
@@ -24,6 +25,7 @@ from relay.deliverer import Deliverer
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
+from relay.metrics import Metrics
 from relay.openapi import with_openapi
 from relay.poller import Poller
 from relay.sender import AiohttpSender, CallbackSender
@@ -37,6 +39,7 @@ Role = Literal["all", "api", "worker"]
 
 class State(TypedDict):
     api: ApiContext
+    admin: AdminContext
 
 
 def create_app(
@@ -53,6 +56,8 @@ def create_app(
         db = open_database(settings.database_url)
         await db.sync_clock()
         owner = new_id("node")
+        # Collected only when an operator can read them (admin.py serves them with the token).
+        metrics = Metrics(enabled=settings.admin_token is not None, version=__version__)
         worker: Worker | None = None
         health: UpstreamHealth | None = None
         upstream: UpstreamClient | None = None
@@ -71,13 +76,14 @@ def create_app(
                 limit=settings.delivery_concurrency,
                 limit_per_host=settings.delivery_per_host,
             )
-            deliverer = Deliverer(db, settings, callback_sender, owner)
+            deliverer = Deliverer(db, settings, callback_sender, owner, metrics=metrics)
             poller = Poller(
                 db,
                 settings,
                 upstream,
                 owner,
                 health=health,
+                metrics=metrics,
                 on_deliveries_queued=lambda: worker.kick_deliverer() if worker else None,
             )
             worker = Worker(db, settings, poller, deliverer)
@@ -88,7 +94,7 @@ def create_app(
             context.on_deliveries_queued = worker.kick_deliverer
         logger.info("relay started: role=%s node=%s", role, owner)
         try:
-            yield {"api": context}
+            yield {"api": context, "admin": AdminContext(db, settings, metrics, health)}
         finally:
             await context.creates.drain()
             if worker is not None:
@@ -102,8 +108,9 @@ def create_app(
 
     # A worker serves only the probes; /openapi.json documents what this process serves.
     routes: list[BaseRoute] = [*(api.ROUTES if role != "worker" else ()), *probes.ROUTES]
+    # The operator's routes are not the client API's: /openapi.json does not list them.
     return Starlette(
-        routes=with_openapi(routes),
+        routes=[*with_openapi(routes), *admin.routes(settings)],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )

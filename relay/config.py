@@ -47,6 +47,10 @@ class Settings:
     delivery_per_host: int = 16
     poll_concurrency: int = 64
     log_level: str = "INFO"
+    # Operators: /metrics and /dashboard exist (and metrics are collected) only with a token.
+    admin_token: str | None = field(default=None, repr=False)
+    log_format: str = "text"
+    access_log: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -77,6 +81,9 @@ class Settings:
             delivery_per_host=reader.get("RELAY_DELIVERY_PER_HOST", 16, _positive_int),
             poll_concurrency=reader.get("RELAY_POLL_CONCURRENCY", 64, _positive_int),
             log_level=reader.get("RELAY_LOG_LEVEL", "INFO", _log_level),
+            admin_token=reader.get("RELAY_ADMIN_TOKEN", None, _admin_token),
+            log_format=reader.get("RELAY_LOG_FORMAT", "text", _log_format),
+            access_log=reader.get("RELAY_ACCESS_LOG", False, _bool),
         )
         if settings.poll_max_interval_s < settings.poll_min_interval_s:
             raise ConfigError(
@@ -102,7 +109,7 @@ class _Reader:
 
 def _shown(name: str, raw: str) -> str:
     # Never echo a secret back into logs or terminals.
-    if "KEY" in name or "DATABASE_URL" in name or "@" in raw:
+    if "KEY" in name or "TOKEN" in name or "DATABASE_URL" in name or "@" in raw:
         return "a value that is not shown"
     return repr(raw if len(raw) <= 60 else raw[:57] + "...")
 
@@ -208,3 +215,26 @@ def _log_level(raw: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
     return level
+
+
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in {"text", "json"}:
+        raise ValueError("must be text or json")
+    return value
+
+
+ADMIN_TOKEN_MIN_CHARS = 16
+
+
+def _admin_token(raw: str) -> str:
+    # It guards every subscription's callback URL and the relay's health: not a password
+    # to guess. Printable ASCII only, so it travels unchanged in a header and a cookie.
+    if len(raw) < ADMIN_TOKEN_MIN_CHARS:
+        raise ValueError(
+            f"must be at least {ADMIN_TOKEN_MIN_CHARS} characters "
+            "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if not all(33 <= ord(c) <= 126 for c in raw):
+        raise ValueError("must be printable ASCII without spaces")
+    return raw

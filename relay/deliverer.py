@@ -30,6 +30,7 @@ from relay.config import Settings
 from relay.database import Database
 from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.hostslots import HostSlots, Offer
+from relay.metrics import Metrics
 from relay.retry import Outcome, decide, parse_retry_after
 from relay.sender import CallbackSender
 from relay.signing import sign
@@ -65,6 +66,7 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
         sender: CallbackSender,
         owner: str,
         *,
+        metrics: Metrics | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._records: Batcher[store.AttemptRecord, None] = Batcher(self._write_records)
@@ -76,6 +78,7 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
         self._settings = settings
         self._sender = sender
         self._rand = rand
+        self._metrics = metrics or Metrics(enabled=False)
         # Claimed deliveries waiting for a slot of their host take a slot of the overall
         # concurrency too; their leases are renewed like those in flight.
         self._slots: HostSlots[store.ClaimedDelivery] = HostSlots(
@@ -92,7 +95,11 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
         return len(self._in_flight) + self._slots.waiting_count
 
     async def _claim_batch(self, want: int) -> list[store.ClaimedDelivery]:
-        return await store.claim_due_deliveries(self._db, self._owner, want, self._settings.lease_s)
+        claimed = await store.claim_due_deliveries(
+            self._db, self._owner, want, self._settings.lease_s
+        )
+        self._metrics.takeovers("delivery", (delivery.previous_owner for delivery in claimed))
+        return claimed
 
     async def _start_batch(self, claimed: Sequence[store.ClaimedDelivery]) -> None:
         """Start what its host has room for, queue what it has room to wait for, and give the
@@ -158,6 +165,10 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
                 attempt=delivery.attempts + 1,
                 schedule_s=self._settings.delivery_retry_schedule_s,
                 rand=self._rand,
+            )
+            since_queued = self._db.now() - delivery.queued_at
+            self._metrics.attempt(
+                sent.status_code, sent.error, duration_ms, decision.action, since_queued
             )
             retry_at = None
             if decision.action == "retry":

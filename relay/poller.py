@@ -26,6 +26,7 @@ from relay.config import Settings
 from relay.database import Database
 from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.health import UpstreamHealth
+from relay.metrics import Metrics
 from relay.models import EVENT_BY_FINAL_STATUS, CallbackEvent, GenerationState
 from relay.ratelimit import TokenBucket
 from relay.schedule import error_gap_s, poll_gap_s
@@ -124,6 +125,7 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         owner: str,
         *,
         health: UpstreamHealth | None = None,
+        metrics: Metrics | None = None,
         on_deliveries_queued: Callable[[], None] = lambda: None,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -137,6 +139,7 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         self._upstream = upstream
         self._rand = rand
         self.health = health or UpstreamHealth()
+        self._metrics = metrics or Metrics(enabled=False)
         self._on_deliveries_queued = on_deliveries_queued
         rate = settings.upstream_max_rps
         self._bucket = TokenBucket(rate, burst=max(1.0, rate))
@@ -146,9 +149,11 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         return list(self._in_flight)
 
     async def _claim_batch(self, want: int) -> list[store.ClaimedGeneration]:
-        return await store.claim_due_generations(
+        claimed = await store.claim_due_generations(
             self._db, self._owner, want, self._settings.lease_s
         )
+        self._metrics.takeovers("poll", (generation.previous_owner for generation in claimed))
+        return claimed
 
     async def _start_batch(self, claimed: Sequence[store.ClaimedGeneration]) -> None:
         for generation in claimed:
@@ -161,8 +166,10 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
             await self._bucket.take()
             result = await self._upstream.poll(claimed.id)
             self.health.observe(result)
+            self._metrics.poll(result.kind)
             if result.kind == "rate_limited" and result.retry_after_s:
                 self._bucket.pause(min(result.retry_after_s, 60.0))
+                self._metrics.upstream_paused(min(result.retry_after_s, 60.0))
             if result.kind == "ok" and result.status not in FINAL_STATUSES | {
                 "IN_QUEUE",
                 "IN_PROGRESS",
@@ -178,6 +185,7 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
                 logger.warning("lease on generation %s was lost; its poll is discarded", claimed.id)
             elif record.event is not None:
                 logger.info("generation %s ended: %s", claimed.id, record.event)
+                self._metrics.generation_ended(record.event)
                 self._on_deliveries_queued()
         except Exception:
             # The lease runs out and the generation is polled again: nothing is lost.

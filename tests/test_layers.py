@@ -19,7 +19,7 @@ MAX_LINES = 450
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(names.split())
     for names in (
-        "relay relay.errors relay.ids relay.simulator",
+        "relay relay.errors relay.ids relay.simulator relay.metrics",
         "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit"
         " relay.batching relay.hostslots",
         "relay.models relay.database relay.migrate",
@@ -29,14 +29,16 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.health relay.hints relay.draining relay.poller relay.deliverer",
         "relay.worker",
         "relay.http relay.auth",
-        "relay.api relay.probes relay.openapi",
+        "relay.api relay.probes relay.openapi relay.admin",
         "relay.app",
         "relay.cli",
     )
 )
 # The API's side and the worker's side are siblings: the API only queues work through the store
 # (and kicks a drain through callbacks app.py wires), it never imports what does the work.
-API_SIDE = frozenset(["relay.http", "relay.auth", "relay.api", "relay.probes", "relay.openapi"])
+API_SIDE = frozenset(
+    ["relay.http", "relay.auth", "relay.api", "relay.probes", "relay.openapi", "relay.admin"]
+)
 WORKER_SIDE = frozenset(
     [
         "relay.draining",
