@@ -16,7 +16,7 @@ import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from relay import __version__, admin, api, probes
+from relay import __version__, admin, api, logs, probes
 from relay.admin import AdminContext
 from relay.api import ApiContext
 from relay.config import Settings
@@ -56,6 +56,7 @@ def create_app(
         db = open_database(settings.database_url)
         await db.sync_clock()
         owner = new_id("node")
+        logs.bind_node(owner)
         # Collected only when an operator can read them (admin.py serves them with the token).
         metrics = Metrics(enabled=settings.admin_token is not None, version=__version__)
         worker: Worker | None = None
@@ -92,7 +93,7 @@ def create_app(
         if worker is not None:
             context.on_polls_queued = worker.kick_poller
             context.on_deliveries_queued = worker.kick_deliverer
-        logger.info("relay started: role=%s node=%s", role, owner)
+        logger.info("relay started: role=%s node=%s", role, owner, extra={"event": "relay.started"})
         try:
             yield {"api": context, "admin": AdminContext(db, settings, metrics, health)}
         finally:
@@ -104,7 +105,7 @@ def create_app(
             if callback_sender is not None:
                 await callback_sender.aclose()
             await db.dispose()
-            logger.info("relay stopped: node=%s", owner)
+            logger.info("relay stopped: node=%s", owner, extra={"event": "relay.stopped"})
 
     # A worker serves only the probes; /openapi.json documents what this process serves.
     routes: list[BaseRoute] = [*(api.ROUTES if role != "worker" else ()), *probes.ROUTES]

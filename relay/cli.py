@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from relay import __version__
+from relay import __version__, logs
 from relay.config import Settings
 from relay.errors import ConfigError, StartupError
 
@@ -69,14 +69,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             _fake_upstream(args)
             return
         settings = Settings.from_env()
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-            stream=sys.stderr,
+        logs.configure(
+            settings.log_level,
+            settings.log_format,
+            secrets=[settings.upstream_api_key, settings.admin_token],
         )
-        # Their INFO lines (every tick, every migration plugin) drown the relay's own.
-        for noisy in ("apscheduler", "alembic"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
         if args.command == "serve":
             _serve(settings, args)
         elif args.command == "migrate":
@@ -119,7 +116,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     if args.role == "all" and not settings.upstream_api_key:
         logger.warning(
             "RELAY_UPSTREAM_API_KEY is not set: polls go out without a key and the upstream "
-            "will refuse them; set it before real use"
+            "will refuse them; set it before real use",
+            extra={"event": "config.upstream_key_missing"},
         )
     # Bind before anything starts, so a port in use is one clear line, not a worker that
     # started and a traceback.
@@ -132,14 +130,23 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     config = uvicorn.Config(
         app,
         log_level=settings.log_level.lower(),
-        access_log=False,
+        # logs.configure has set uvicorn's loggers up: one format for every line.
+        log_config=None,
+        access_log=settings.access_log,
         lifespan="on",
         timeout_graceful_shutdown=10,
         # relay is not behind a proxy it trusts by default, and the headers cost per request
         proxy_headers=False,
         server_header=False,
     )
-    logger.info("listening on http://%s:%d (role %s)", host, sock.getsockname()[1], args.role)
+    bound_port = sock.getsockname()[1]
+    logger.info(
+        "listening on http://%s:%d (role %s)",
+        host,
+        bound_port,
+        args.role,
+        extra={"event": "relay.listening", "host": host, "port": bound_port, "role": args.role},
+    )
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -56,6 +56,21 @@ def callback_headers(delivery: store.ClaimedDelivery, timestamp: int) -> dict[st
     }
 
 
+def attempt_fields(
+    delivery: store.ClaimedDelivery, status_code: int | None, duration_ms: int | None, action: str
+) -> dict[str, object]:
+    """A callback attempt's fields in the logs (JSON lines carry them as they are)."""
+    return {
+        "event": f"callback.{action}",
+        "subscription_id": delivery.subscription_id,
+        "webhook_id": delivery.webhook_id,
+        "attempt": delivery.subscription_attempts + 1,
+        "status_code": status_code,
+        "duration_ms": duration_ms,
+        "host": delivery.host,
+    }
+
+
 class Deliverer(Drainer[int, store.ClaimedDelivery]):
     """Drains due deliveries; `tick()` is what the scheduler (or a final result) calls."""
 
@@ -181,6 +196,7 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
                     host,
                     decision.action,
                     decision.reason,
+                    extra=attempt_fields(delivery, sent.status_code, duration_ms, decision.action),
                 )
             await self._records.submit(
                 store.AttemptRecord(

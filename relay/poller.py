@@ -114,6 +114,10 @@ def _give_up(
     )
 
 
+def _ended_fields(generation_id: str, event: str) -> dict[str, str]:
+    return {"event": "generation.ended", "generation_id": generation_id, "callback_event": event}
+
+
 class Poller(Drainer[str, store.ClaimedGeneration]):
     """Drains due polls; `tick()` is what the scheduler (or a new subscription) calls."""
 
@@ -178,13 +182,23 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
                     "unknown upstream status %r for generation %s; treating it as not final",
                     result.status,
                     claimed.id,
+                    extra={"event": "poll.unknown_status", "generation_id": claimed.id},
                 )
             record = plan_record(claimed, result, self._db.now(), self._settings, self._rand)
             kept = await self._records.submit(record)
             if not kept:
-                logger.warning("lease on generation %s was lost; its poll is discarded", claimed.id)
+                logger.warning(
+                    "lease on generation %s was lost; its poll is discarded",
+                    claimed.id,
+                    extra={"event": "poll.lease_lost", "generation_id": claimed.id},
+                )
             elif record.event is not None:
-                logger.info("generation %s ended: %s", claimed.id, record.event)
+                logger.info(
+                    "generation %s ended: %s",
+                    claimed.id,
+                    record.event,
+                    extra=_ended_fields(claimed.id, record.event),
+                )
                 self._metrics.generation_ended(record.event)
                 self._on_deliveries_queued()
         except Exception:

@@ -102,7 +102,11 @@ class Worker:
             logger.exception("pruning failed; it is retried later")
             return
         if pruned:
-            logger.info("pruned %d finished subscriptions past retention", pruned)
+            logger.info(
+                "pruned %d finished subscriptions past retention",
+                pruned,
+                extra={"event": "prune.done", "count": pruned},
+            )
 
     async def stop(self) -> None:
         self._scheduler.shutdown(wait=False)

@@ -350,3 +350,18 @@ async def queue_final_deliveries(
         )
     finally:
         await database.dispose()
+
+
+def serve_env(db_url: str, upstream_url: str, **variables: str) -> dict[str, str]:
+    """The environment of a `relay serve` process for tests: fast polls and retries, private
+    callbacks allowed, the simulator as upstream; `variables` added or changed."""
+    return {
+        "RELAY_DATABASE_URL": db_url,
+        "RELAY_UPSTREAM_URL": upstream_url,
+        "RELAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
+        "RELAY_ALLOW_PRIVATE_CALLBACKS": "true",
+        "RELAY_POLL_MIN_INTERVAL": "0.1",
+        "RELAY_POLL_MAX_INTERVAL": "0.3",
+        "RELAY_DELIVERY_RETRY_SCHEDULE": "0.2,0.5,1",
+        **variables,
+    }

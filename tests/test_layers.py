@@ -19,7 +19,7 @@ MAX_LINES = 450
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(names.split())
     for names in (
-        "relay relay.errors relay.ids relay.simulator relay.metrics",
+        "relay relay.errors relay.ids relay.simulator relay.metrics relay.logs",
         "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit"
         " relay.batching relay.hostslots",
         "relay.models relay.database relay.migrate",

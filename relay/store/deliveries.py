@@ -93,7 +93,11 @@ async def claim_due_deliveries(
     for row in rows:
         text_body = row["payload"] if row["payload"] is not None else row["result"]
         if text_body is None:
-            logger.error("delivery %s has no body to send; it is sent as {}", row["id"])
+            logger.error(
+                "delivery %s has no body to send; it is sent as {}",
+                row["id"],
+                extra={"event": "delivery.no_body", "subscription_id": row["subscription_id"]},
+            )
             text_body = "{}"
         body = bodies.setdefault(text_body, text_body.encode())
         claimed_deliveries.append(
