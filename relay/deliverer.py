@@ -31,6 +31,7 @@ from relay.database import Database
 from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.hostslots import HostSlots, Offer
 from relay.metrics import Metrics
+from relay.outages import report_failure
 from relay.retry import Outcome, decide, parse_retry_after
 from relay.sender import CallbackSender
 from relay.signing import sign
@@ -74,6 +75,8 @@ def attempt_fields(
 class Deliverer(Drainer[int, store.ClaimedDelivery]):
     """Drains due deliveries; `tick()` is what the scheduler (or a final result) calls."""
 
+    work = "callbacks"
+
     def __init__(
         self,
         db: Database,
@@ -88,7 +91,7 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
         limits = DrainLimits(
             settings.delivery_concurrency, CLAIM_BATCH_MAX, settings.delivery_timeout_s + 1
         )
-        super().__init__(limits, self._records, owner)
+        super().__init__(limits, self._records, owner, outage=db.outage)
         self._db = db
         self._settings = settings
         self._sender = sender
@@ -214,9 +217,9 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
                     retry_at=retry_at,
                 )
             )
-        except Exception:
+        except Exception as exc:
             # The lease runs out and the delivery is tried again: nothing is lost.
-            logger.exception("delivery %s failed unexpectedly", delivery.id)
+            report_failure(logger, exc, self._outage, self.work, "delivery %s failed", delivery.id)
 
     async def _write_records(self, records: Sequence[store.AttemptRecord]) -> list[None]:
         await store.record_attempts(self._db, self._owner, records)

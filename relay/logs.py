@@ -15,11 +15,14 @@ any URL, user:password in URLs, bearer tokens, `whsec_` signing secrets, `rk_` A
 configured secrets' values (the upstream key, the admin token). The access log's paths lose
 their query strings (`?token=` of the dashboard) before they are formatted.
 
-This module imports nothing of relay but the settings' words: anything may log.
+SQLAlchemy's pool and asyncio log a dead connection again with a traceback, APScheduler a job
+cancelled at shutdown; those records are dropped (outages.py reports an outage once). This module imports nothing of relay but
+outages.py's classifier: anything may log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -28,6 +31,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
+
+from relay.outages import quiet_outage_noise
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 QUIET_LOGGERS = ("apscheduler", "alembic")  # their INFO lines (every tick) drown relay's own
@@ -99,6 +104,17 @@ class _AccessFields(logging.Filter):
 
 
 CONTEXT = _Context()
+NOISY_LIBRARIES = ("sqlalchemy", "asyncio", "aiosqlite", "asyncpg", "apscheduler")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Drop a library's traceback of an outage (reported once by outages.py) or of a task
+    cancelled at shutdown (APScheduler cancels a job still running when the worker stops)."""
+    if record.name.split(".", 1)[0] not in NOISY_LIBRARIES:
+        return True
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        return False
+    return quiet_outage_noise(record)
 
 
 def bind_node(node: str) -> None:
@@ -143,6 +159,7 @@ def configure(level: str, fmt: str, secrets: Iterable[str | None] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_RedactingJson(redact) if fmt == "json" else _RedactingText(redact))
     handler.addFilter(CONTEXT)
+    handler.addFilter(_quiet_libraries)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -28,6 +28,7 @@ from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.health import UpstreamHealth
 from relay.metrics import Metrics
 from relay.models import EVENT_BY_FINAL_STATUS, CallbackEvent, GenerationState
+from relay.outages import report_failure
 from relay.ratelimit import TokenBucket
 from relay.schedule import error_gap_s, poll_gap_s
 from relay.upstream import FINAL_STATUSES, PollResult, UpstreamClient
@@ -121,6 +122,8 @@ def _ended_fields(generation_id: str, event: str) -> dict[str, str]:
 class Poller(Drainer[str, store.ClaimedGeneration]):
     """Drains due polls; `tick()` is what the scheduler (or a new subscription) calls."""
 
+    work = "polls"
+
     def __init__(
         self,
         db: Database,
@@ -137,7 +140,7 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         # Claim no more than the rate cap lets us poll within a fraction of the lease.
         per_round = max(1, min(CLAIM_BATCH_MAX, int(settings.upstream_max_rps)))
         limits = DrainLimits(settings.poll_concurrency, per_round, settings.upstream_timeout_s + 1)
-        super().__init__(limits, self._records, owner)
+        super().__init__(limits, self._records, owner, outage=db.outage)
         self._db = db
         self._settings = settings
         self._upstream = upstream
@@ -201,9 +204,9 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
                 )
                 self._metrics.generation_ended(record.event)
                 self._on_deliveries_queued()
-        except Exception:
+        except Exception as exc:
             # The lease runs out and the generation is polled again: nothing is lost.
-            logger.exception("poll of generation %s failed", claimed.id)
+            report_failure(logger, exc, self._outage, self.work, "poll of %s failed", claimed.id)
 
     async def _write_records(self, records: Sequence[store.PollRecord]) -> list[bool]:
         return await store.record_polls(self._db, self._owner, records)

@@ -19,7 +19,8 @@ MAX_LINES = 450
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(names.split())
     for names in (
-        "relay relay.errors relay.ids relay.simulator relay.metrics relay.logs",
+        "relay relay.errors relay.ids relay.simulator relay.metrics",
+        "relay.outages relay.logs",
         "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit"
         " relay.batching relay.hostslots",
         "relay.models relay.database relay.migrate",
@@ -37,7 +38,14 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
 # The API's side and the worker's side are siblings: the API only queues work through the store
 # (and kicks a drain through callbacks app.py wires), it never imports what does the work.
 API_SIDE = frozenset(
-    ["relay.http", "relay.auth", "relay.api", "relay.probes", "relay.openapi", "relay.admin"]
+    [
+        "relay.http",
+        "relay.auth",
+        "relay.api",
+        "relay.probes",
+        "relay.openapi",
+        "relay.admin",
+    ]
 )
 WORKER_SIDE = frozenset(
     [

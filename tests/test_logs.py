@@ -7,6 +7,7 @@ redaction rules are also checked on their own.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -174,3 +175,26 @@ async def test_json_logs_are_one_object_a_line_with_stable_fields(
     assert ("GET", "/v1/subscriptions?[redacted]", 200) in paths
     assert ("GET", "/metrics?[redacted]", 200) in paths
     assert all(r["logger"] == "uvicorn.access" for r in requests)
+
+
+def test_libraries_copies_of_an_outage_or_a_cancelled_job_are_dropped(
+    restored_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLAlchemy's pool logging a refused connection and APScheduler logging a job cancelled
+    at shutdown write nothing; a library's other errors and relay's own still do."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    logs.configure("INFO", "text")
+    dropped: list[tuple[str, BaseException]] = [
+        ("sqlalchemy.pool.impl.AsyncAdaptedQueuePool", ConnectionRefusedError(111, "refused")),
+        ("apscheduler.executors.default", asyncio.CancelledError()),
+    ]
+    kept: list[tuple[str, BaseException]] = [
+        ("sqlalchemy.pool.impl.AsyncAdaptedQueuePool", ValueError("a library bug")),
+        ("relay.poller", ConnectionRefusedError(111, "relay's own line")),
+    ]
+    for name, error in dropped + kept:
+        logging.getLogger(name).error("failed", exc_info=error)
+    text = stream.getvalue()
+    assert text.count("failed") == 2
+    assert "a library bug" in text and "relay's own line" in text
