@@ -1,8 +1,12 @@
-"""The operator's HTTP side: GET /metrics (Prometheus) behind RELAY_ADMIN_TOKEN.
+"""The operator's HTTP side: GET /metrics (Prometheus) and GET /dashboard (the page) behind
+RELAY_ADMIN_TOKEN.
 
 Mounted only when RELAY_ADMIN_TOKEN is set (without it the paths are unknown routes: 404).
-The token is compared in constant time and never logged. These routes are not part of the
-client API, so /openapi.json does not list them.
+/metrics takes the token as `Authorization: Bearer`; the page takes that too, or the token
+once as `?token=`: the answer is then a redirect to the page without it, setting a cookie
+(HttpOnly, SameSite=Strict, path /dashboard) that holds an HMAC of the token, never the token.
+Tokens and cookies are compared in constant time and never logged. These routes are not part
+of the client API, so /openapi.json does not list them.
 
 Numbers read from the database (the backlog gauges) are cached for BACKLOG_MAX_AGE_S and read
 by one request at a time, so several nodes report the same cluster-wide numbers and a scrape
@@ -12,19 +16,20 @@ the worker's side: counters arrive through the app's `Metrics`.
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import hmac
 import logging
-import time
-from collections.abc import Awaitable, Callable
+import secrets
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from relay.cached import Cached
 from relay.config import Settings
+from relay.dashboard import Dashboard
 from relay.database import Database
 from relay.health import UpstreamHealth
 from relay.http import ApiError
@@ -33,41 +38,9 @@ from relay.store import stats
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 BACKLOG_MAX_AGE_S = 5.0
-READ_TIMEOUT_S = 3.0  # a scrape answers with the process's counters even if the database hangs
-
-
-class Cached(Generic[T]):
-    """The answer of `read`, read again at most every `max_age_s`, by one caller at a time
-    (the others wait for that read). A failed read is remembered as None for as long, so a
-    database that is down is not asked by every request."""
-
-    def __init__(self, read: Callable[[], Awaitable[T]], max_age_s: float) -> None:
-        self._read = read
-        self._max_age_s = max_age_s
-        self._value: T | None = None
-        self._read_at: float | None = None
-        self._lock = asyncio.Lock()
-
-    def _fresh(self) -> bool:
-        return self._read_at is not None and time.monotonic() - self._read_at < self._max_age_s
-
-    async def get(self) -> T | None:
-        if self._fresh():
-            return self._value
-        async with self._lock:
-            if not self._fresh():
-                try:
-                    async with asyncio.timeout(READ_TIMEOUT_S):
-                        self._value = await self._read()
-                except Exception as exc:
-                    # The database's outage is reported where it is seen (outages.py).
-                    logger.debug("admin read failed: %s", type(exc).__name__)
-                    self._value = None
-                self._read_at = time.monotonic()
-            return self._value
+COOKIE = "relay_admin"
+COOKIE_MAX_AGE_S = 12 * 3600
 
 
 @dataclass
@@ -78,14 +51,27 @@ class AdminContext:
     settings: Settings
     metrics: Metrics
     health: UpstreamHealth | None
+    node: str = ""
     backlog: Cached[stats.Backlog] = field(init=False)
+    dashboard: Dashboard = field(init=False)
 
     def __post_init__(self) -> None:
         self.backlog = Cached(lambda: stats.backlog(self.db), BACKLOG_MAX_AGE_S)
+        self.dashboard = Dashboard(self.db, self.settings, self.metrics, self.health, self.node)
 
     def token_matches(self, presented: str) -> bool:
         token = self.settings.admin_token
         return token is not None and hmac.compare_digest(presented.encode(), token.encode())
+
+    def cookie_value(self) -> str:
+        """What the page's cookie holds: an HMAC of the token, so the cookie is not it."""
+        token = (self.settings.admin_token or "").encode()
+        return hmac.new(token, b"relay dashboard cookie", hashlib.sha256).hexdigest()
+
+    def cookie_matches(self, presented: str) -> bool:
+        return self.settings.admin_token is not None and hmac.compare_digest(
+            presented.encode(), self.cookie_value().encode()
+        )
 
 
 def admin_context(request: Request) -> AdminContext:
@@ -102,7 +88,8 @@ def unauthorized() -> ApiError:
     return ApiError(
         401,
         "unauthorized",
-        "send the admin token as Authorization: Bearer <RELAY_ADMIN_TOKEN>",
+        "send the admin token as Authorization: Bearer <RELAY_ADMIN_TOKEN> (the dashboard also "
+        "takes it once as ?token=)",
         headers={"www-authenticate": 'Bearer realm="relay admin"'},
     )
 
@@ -127,8 +114,51 @@ async def metrics_page(request: Request) -> Response:
     )
 
 
+async def dashboard_page(request: Request) -> Response:
+    ctx = admin_context(request)
+    query = request.query_params.get("q", "")
+    if "token" in request.query_params:
+        if not ctx.token_matches(request.query_params["token"]):
+            raise unauthorized()
+        # Once: the token leaves the address bar (and the history) for a cookie.
+        target = "/dashboard" + (f"?{urlencode({'q': query})}" if query else "")
+        response: Response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            COOKIE,
+            ctx.cookie_value(),
+            max_age=COOKIE_MAX_AGE_S,
+            path="/dashboard",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+    if not (
+        ctx.token_matches(bearer(request)) or ctx.cookie_matches(request.cookies.get(COOKIE, ""))
+    ):
+        raise unauthorized()
+    nonce = secrets.token_urlsafe(16)
+    page = await ctx.dashboard.render(query, nonce)
+    return HTMLResponse(
+        page,
+        headers={
+            "cache-control": "no-store",
+            "content-security-policy": (
+                "default-src 'none'; style-src 'unsafe-inline'; "
+                f"script-src 'nonce-{nonce}'; img-src data:; form-action 'self'; "
+                "base-uri 'none'; frame-ancestors 'none'"
+            ),
+            "referrer-policy": "no-referrer",
+            "x-content-type-options": "nosniff",
+        },
+    )
+
+
 def routes(settings: Settings) -> list[BaseRoute]:
     """The admin routes, or none when RELAY_ADMIN_TOKEN is unset (then they are 404)."""
     if settings.admin_token is None:
         return []
-    return [Route("/metrics", metrics_page, methods=["GET"])]
+    return [
+        Route("/metrics", metrics_page, methods=["GET"]),
+        Route("/dashboard", dashboard_page, methods=["GET"]),
+    ]

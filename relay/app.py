@@ -95,7 +95,7 @@ def create_app(
             context.on_deliveries_queued = worker.kick_deliverer
         logger.info("relay started: role=%s node=%s", role, owner, extra={"event": "relay.started"})
         try:
-            yield {"api": context, "admin": AdminContext(db, settings, metrics, health)}
+            yield {"api": context, "admin": AdminContext(db, settings, metrics, health, owner)}
         finally:
             await context.creates.drain()
             if worker is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -59,22 +60,26 @@ class Metrics:
         if not enabled:
             return
         r = self.registry
+
+        def labelled(name: str, documentation: str, label: str, values: Iterable[str]) -> Any:
+            """A counter with one label, its series for `values` created at zero."""
+            counter = Counter(name, documentation, [label], registry=r)
+            return {value: counter.labels(value) for value in values}
+
         Info("relay_build", "The relay's version.", registry=r).info({"version": version})
-        polls = Counter("relay_polls", "Upstream polls by outcome.", ["outcome"], registry=r)
-        self._polls = {o: polls.labels(o) for o in POLL_OUTCOMES}
-        ended = Counter(
-            "relay_generations_ended",
-            "Generations that ended (final upstream, or given up: expired), by event.",
-            ["event"],
-            registry=r,
+        self._polls = labelled("relay_polls", "Upstream polls.", "outcome", POLL_OUTCOMES)
+        # Final upstream, or given up on (expired).
+        self._ended = labelled(
+            "relay_generations_ended", "Generations that ended.", "event", ENDED_EVENTS
         )
-        self._ended = {e: ended.labels(e) for e in ENDED_EVENTS}
-        sweeps = Counter(
-            "relay_sweeps", "Batch sweeps of the running list by outcome.", ["outcome"], registry=r
+        self._sweeps = labelled(
+            "relay_sweeps", "Sweeps of the running list.", "outcome", SWEEP_OUTCOMES
         )
-        self._sweeps = {o: sweeps.labels(o) for o in SWEEP_OUTCOMES}
-        hints = Counter("relay_hints", "Upstream push hints by outcome.", ["outcome"], registry=r)
-        self._hints = {o: hints.labels(o) for o in HINT_OUTCOMES}
+        self._hints = labelled("relay_hints", "Upstream push hints.", "outcome", HINT_OUTCOMES)
+        # Its holder died, or was too slow to renew it.
+        self._takeovers = labelled(
+            "relay_lease_takeovers", "Work claimed after its lease ran out.", "work", WORK_KINDS
+        )
         self._429s = Counter(
             "relay_upstream_rate_limited", "Upstream answers 429 (polls and sweeps).", registry=r
         )
@@ -108,32 +113,20 @@ class Metrics:
             buckets=DETECTION_BUCKETS_S,
             registry=r,
         )
-        takeovers = Counter(
-            "relay_lease_takeovers",
-            "Claims of work whose lease had run out (its holder died or was too slow).",
-            ["work"],
-            registry=r,
-        )
-        self._takeovers = {w: takeovers.labels(w) for w in WORK_KINDS}
+        cluster = "(cluster-wide, from the database)"
         self._pending_generations = Gauge(
-            "relay_pending_generations",
-            "Generations being polled (cluster-wide, from the database).",
-            registry=r,
+            "relay_pending_generations", f"Generations being polled {cluster}.", registry=r
         )
         self._pending_deliveries = Gauge(
-            "relay_pending_deliveries",
-            "Callbacks waiting to be delivered or retried (cluster-wide, from the database).",
-            registry=r,
+            "relay_pending_deliveries", f"Callbacks waiting to be sent {cluster}.", registry=r
         )
         self._oldest_delivery_s = Gauge(
             "relay_oldest_pending_delivery_age_seconds",
-            "Age of the oldest pending callback (cluster-wide, from the database).",
+            f"Age of the oldest pending callback {cluster}.",
             registry=r,
         )
         self._database_up = Gauge(
-            "relay_database_up",
-            "1 if the database answered the last backlog read, else 0.",
-            registry=r,
+            "relay_database_up", "1 if the last backlog read worked, else 0.", registry=r
         )
         upstream = Gauge(
             "relay_upstream_state",
@@ -148,9 +141,7 @@ class Metrics:
     def poll(self, outcome: str) -> None:
         """One poll's outcome (upstream.PollResult.kind); rate_limited is an upstream 429."""
         if self.enabled:
-            self._polls[outcome].inc()
-            if outcome == "rate_limited":
-                self._429s.inc()
+            self._upstream_answer(self._polls, outcome)
 
     def generation_ended(self, event: str) -> None:
         """A generation ended; `event` is the callback event (generation.completed...)."""
@@ -165,9 +156,12 @@ class Metrics:
     def sweep(self, outcome: str) -> None:
         """One batch sweep's outcome (one of SWEEP_OUTCOMES); rate_limited is an upstream 429."""
         if self.enabled:
-            self._sweeps[outcome].inc()
-            if outcome == "rate_limited":
-                self._429s.inc()
+            self._upstream_answer(self._sweeps, outcome)
+
+    def _upstream_answer(self, counters: dict[str, Any], outcome: str) -> None:
+        counters[outcome].inc()
+        if outcome == "rate_limited":
+            self._429s.inc()
 
     def hint(self, outcome: str) -> None:
         """One push hint's outcome: accepted, duplicate or refused."""

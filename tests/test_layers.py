@@ -20,7 +20,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(names.split())
     for names in (
         "relay relay.errors relay.ids relay.simulator relay.metrics",
-        "relay.outages relay.logs",
+        "relay.outages relay.logs relay.cached",
         "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit"
         " relay.batching relay.hostslots",
         "relay.models relay.database relay.migrate",
@@ -30,7 +30,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.health relay.hints relay.draining relay.poller relay.deliverer",
         "relay.worker",
         "relay.http relay.auth",
-        "relay.api relay.probes relay.openapi relay.admin",
+        "relay.api relay.probes relay.openapi relay.dashboard relay.admin",
         "relay.app",
         "relay.cli",
     )
@@ -44,6 +44,7 @@ API_SIDE = frozenset(
         "relay.api",
         "relay.probes",
         "relay.openapi",
+        "relay.dashboard",
         "relay.admin",
     ]
 )
