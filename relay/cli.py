@@ -1,4 +1,5 @@
-"""The `relay` command: serve, migrate, keys, fake-upstream.
+"""The `relay` command: serve, migrate, keys, fake-upstream; the operator's subscriptions and
+stats commands are cli_ops.py's.
 
 Bad arguments or configuration end the process with one line on stderr and exit code 2.
 """
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from relay import __version__, logs
+from relay import __version__, cli_ops, logs
 from relay.config import Settings
 from relay.errors import ConfigError, StartupError
 
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("id")
 
+    cli_ops.add_parsers(commands, _Parser)
+
     fake = commands.add_parser("fake-upstream", help="run the local upstream simulator")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)
@@ -81,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print("database is at the latest schema")
         elif args.command == "keys":
             _keys(settings, args)
+        elif args.command in cli_ops.COMMANDS:
+            _migrate(settings)
+            cli_ops.run(settings, args)
     except ConfigError as exc:
         _fail(f"{exc}")
     except StartupError as exc:

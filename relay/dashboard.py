@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import jinja2
 
@@ -23,7 +22,7 @@ from relay.cached import Cached
 from relay.config import Settings
 from relay.database import Database
 from relay.health import UpstreamHealth
-from relay.logs import Redactor
+from relay.logs import Redactor, shown_url
 from relay.metrics import Metrics
 from relay.store import inspect, stats
 
@@ -33,20 +32,6 @@ CHART_MINUTES = 60
 CHART_HEIGHT_PX = 120
 
 _redact = Redactor()
-
-
-def shown_url(url: str) -> str:
-    """A callback URL as the page shows it: no user:password, query string or fragment."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return "(unreadable URL)"
-    return shown + ("?…" if parts.query else "")
 
 
 def shown_text(text: str | None, limit: int = 300) -> str:

@@ -29,6 +29,7 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -63,6 +64,21 @@ class Redactor:
         for pattern, replacement in _PATTERNS:
             text = pattern.sub(replacement, text)
         return text
+
+
+def shown_url(url: str) -> str:
+    """A URL as relay shows it to operators (dashboard, CLI): no user:password, query string
+    or fragment; `?…` says a query string was there."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        return "(unreadable URL)"
+    return shown + ("?…" if parts.query else "")
 
 
 def strip_query(path: str) -> str:

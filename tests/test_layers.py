@@ -32,6 +32,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.http relay.auth",
         "relay.api relay.probes relay.openapi relay.dashboard relay.admin",
         "relay.app",
+        "relay.cli_ops",
         "relay.cli",
     )
 )
