@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from relay import store
+from relay.api import subscription_json
 from relay.config import Settings
 from relay.dashboard import ago, shown_text, timeline, utc
 from relay.database import Database, open_database
@@ -80,20 +81,15 @@ def _print_json(document: Any) -> None:
 
 
 def _subscription(row: Mapping[Any, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "generation_id": row["generation_id"],
-        "callback_url": shown_url(row["callback_url"]),
-        "status": row["status"],
-        "generation_status": row["generation_status"],
-        "attempts": row["attempts"],
-        "last_error": shown_text(row["last_error"]) or None,
-        "key": row["key"],
-        "key_id": row["key_id"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-        "delivered_at": row["delivered_at"],
-    }
+    """A subscription as the API shows it, with its key, its URL and error made safe to show."""
+    shown = subscription_json(row)
+    shown.update(
+        callback_url=shown_url(row["callback_url"]),
+        last_error=shown_text(row["last_error"]) or None,
+        key=row["key"],
+        key_id=row["key_id"],
+    )
+    return shown
 
 
 def _table(rows: list[list[str]]) -> None:
@@ -127,7 +123,7 @@ async def _list(db: Database, args: argparse.Namespace) -> None:
                 str(item["attempts"]),
                 item["generation_id"],
                 item["key"],
-                utc(item["created_at"]),
+                item["created_at"],
                 item["callback_url"],
             ]
             for item in items
@@ -193,8 +189,8 @@ async def _show(db: Database, sub_id: str, as_json: bool) -> None:
             ["callback", sub["callback_url"]],
             ["attempts", str(sub["attempts"])],
             ["last error", sub["last_error"] or "-"],
-            ["created", utc(sub["created_at"])],
-            ["delivered", utc(sub["delivered_at"]) or "-"],
+            ["created", sub["created_at"]],
+            ["delivered", sub["delivered_at"] or "-"],
         ]
     )
     print("timeline:")
