@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,3 +96,41 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+# --- Metrics on or off (python -m bench.run --metrics) -------------------------------------------
+
+METRICS_TOKEN = "bench-admin-token-0123456789abcdef"
+
+
+def metrics_env(on: bool) -> dict[str, str]:
+    """The environment that turns relay's metrics on (they are collected only with a token)."""
+    return {"RELAY_ADMIN_TOKEN": METRICS_TOKEN} if on else {}
+
+
+@contextlib.contextmanager
+def scraping(base_url: str | None, every_s: float = 1.0) -> Iterator[None]:
+    """Scrape `base_url`/metrics every `every_s` while the block runs, as a Prometheus server
+    would (more often than its usual 15 s); None scrapes nothing (metrics off)."""
+    if base_url is None:
+        yield
+        return
+    import httpx
+
+    stop = threading.Event()
+
+    def scrape() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.wait(every_s):
+                response = client.get(
+                    f"{base_url}/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}
+                )
+                response.raise_for_status()
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=15)

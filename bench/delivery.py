@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from bench.common import Results, drop_database, new_database
+from bench.common import Results, drop_database, metrics_env, new_database, scraping
 from bench.harness import cluster
 from relay import store
 from relay.database import open_database
@@ -68,12 +68,18 @@ async def make_backlog(
 
 
 def _drain(
-    results: Results, database: str, workdir: Path, count: int, hanging_share: float
+    results: Results,
+    database: str,
+    workdir: Path,
+    count: int,
+    hanging_share: float,
+    metrics: bool = False,
 ) -> float:
     url = new_database(database, workdir)
     label = f"{hanging_share:.0%} to a hanging host" if hanging_share else "all fast"
+    label += ", metrics on" if metrics else ""
     try:
-        with cluster(workdir / f"delivery-{database}-{hanging_share}") as c:
+        with cluster(workdir / f"delivery-{database}-{hanging_share}-{metrics}") as c:
             receiver = c.receiver(host="0.0.0.0")
             port = int(receiver.url.rsplit(":", 1)[1])
             fast = asyncio.run(make_backlog(url, count, port, hanging_share, "d"))
@@ -83,16 +89,18 @@ def _drain(
                 "RELAY_UPSTREAM_URL": "http://127.0.0.1:9",
                 "RELAY_ALLOW_PRIVATE_CALLBACKS": "true",
                 "RELAY_LOG_LEVEL": "WARNING",
+                **metrics_env(metrics),
             }
             started = time.time()
-            c.relay("relay", env, role="worker").start()
+            node = c.relay("relay", env, role="worker").start()
             deadline = time.monotonic() + 600
             total = 0
-            while time.monotonic() < deadline:
-                total = httpx.get(f"{receiver.url}/_stats", timeout=30).json()["total"]
-                if total >= fast:
-                    break
-                time.sleep(0.5)
+            with scraping(node.url if metrics else None):
+                while time.monotonic() < deadline:
+                    total = httpx.get(f"{receiver.url}/_stats", timeout=30).json()["total"]
+                    if total >= fast:
+                        break
+                    time.sleep(0.5)
             arrivals = httpx.get(f"{receiver.url}/_arrivals", timeout=60).json()
     finally:
         drop_database(url)
@@ -118,9 +126,19 @@ def _drain(
     return rate
 
 
-def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
+def run(results: Results, database: str, workdir: Path, quick: bool, metrics: bool = False) -> None:
     count = 3000 if quick else 20000
     fast_rate = _drain(results, database, workdir, count, hanging_share=0.0)
+    if metrics:
+        on_rate = _drain(results, database, workdir, count, hanging_share=0.0, metrics=True)
+        if fast_rate:
+            results.add(
+                "delivery",
+                database,
+                "metrics on / off (all fast)",
+                f"{on_rate / fast_rate:.0%}",
+                "RELAY_ADMIN_TOKEN set, /metrics scraped every second",
+            )
     for share in (0.1, 0.5):
         hanging_rate = _drain(results, database, workdir, count, hanging_share=share)
         if fast_rate:

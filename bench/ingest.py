@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import Results, drop_database, new_database
+from bench.common import Results, drop_database, metrics_env, new_database, scraping
 from bench.harness import ROOT, cluster, create_key
 
 CONCURRENCIES = (32, 64, 128)
@@ -82,7 +82,7 @@ def _loadgen(url: str, keys: list[str], concurrency: int, duration_s: int) -> di
     }
 
 
-def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
+def run(results: Results, database: str, workdir: Path, quick: bool, metrics: bool = False) -> None:
     duration_s = 3 if quick else 10
     concurrencies = CONCURRENCIES[:2] if quick else CONCURRENCIES
     driver = _wrk if shutil.which("wrk") else _loadgen
@@ -92,6 +92,7 @@ def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
         return {c: driver(url, keys, c, duration_s) for c in concurrencies}
 
     relay = _relay_figures(database, workdir, load)
+    with_metrics = _relay_figures(database, workdir, load, metrics=True) if metrics else {}
     bare = _bare_figures(database, workdir, load)
     for concurrency in concurrencies:
         figures = relay[concurrency]
@@ -108,6 +109,17 @@ def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
             f"latency p50 / p99 ms (c={concurrency})",
             f"{figures['p50_ms']:.1f} / {figures['p99_ms']:.1f}",
         )
+    for concurrency, figures in with_metrics.items():
+        results.add(
+            "ingest",
+            database,
+            f"subscriptions/s (c={concurrency}, metrics on)",
+            f"{figures['rate']:.0f}",
+            _noted("RELAY_ADMIN_TOKEN set, /metrics scraped every second", figures),
+        )
+        if relay[concurrency]["rate"]:
+            ratio = figures["rate"] / relay[concurrency]["rate"]
+            results.add("ingest", database, f"metrics on / off (c={concurrency})", f"{ratio:.0%}")
     for concurrency in concurrencies:
         results.add(
             "ingest",
@@ -131,16 +143,19 @@ def _noted(note: str, figures: dict[str, float]) -> str:
 Load = Callable[[str, list[str]], dict[int, dict[str, float]]]
 
 
-def _relay_figures(database: str, workdir: Path, load: Load) -> dict[int, dict[str, float]]:
-    """One `relay serve --role api` on a new database, 8 client keys."""
+def _relay_figures(
+    database: str, workdir: Path, load: Load, metrics: bool = False
+) -> dict[int, dict[str, float]]:
+    """One `relay serve --role api` on a new database, 8 client keys; with `metrics`, metrics
+    on and scraped every second."""
     url = new_database(database, workdir)
     try:
         keys = [create_key(url, f"ingest-{i}")["api_key"] for i in range(8)]
-        with cluster(workdir / f"ingest-{database}") as c:
-            node = c.relay(
-                "relay", {"RELAY_DATABASE_URL": url, "RELAY_LOG_LEVEL": "WARNING"}, role="api"
-            ).start()
-            return load(node.url, keys)
+        with cluster(workdir / f"ingest-{database}-{'metrics' if metrics else 'plain'}") as c:
+            env = {"RELAY_DATABASE_URL": url, "RELAY_LOG_LEVEL": "WARNING", **metrics_env(metrics)}
+            node = c.relay("relay", env, role="api").start()
+            with scraping(node.url if metrics else None):
+                return load(node.url, keys)
     finally:
         drop_database(url)
 

@@ -17,8 +17,9 @@ import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from relay import api, probes, store
+from relay import __version__, admin, api, logs, probes, store
 from relay import intake as intake_routes
+from relay.admin import AdminContext
 from relay.api import ApiContext
 from relay.config import Settings
 from relay.database import Database, open_database
@@ -27,6 +28,7 @@ from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
 from relay.intake import IntakeContext
+from relay.metrics import Metrics
 from relay.openapi import with_openapi
 from relay.poller import Poller, upstream_budget
 from relay.sender import AiohttpSender, CallbackSender
@@ -43,6 +45,7 @@ Role = Literal["all", "api", "worker"]
 class State(TypedDict):
     api: ApiContext
     intake: IntakeContext
+    admin: AdminContext
 
 
 def _resume_normal_polling(
@@ -73,6 +76,9 @@ def create_app(
         db = open_database(settings.database_url)
         await db.sync_clock()
         owner = new_id("node")
+        logs.bind_node(owner)
+        # Collected only when an operator can read them (admin.py serves them with the token).
+        metrics = Metrics(enabled=settings.admin_token is not None, version=__version__)
         signals = Signals(db, settings)
         await signals.try_refresh()
         watching = asyncio.create_task(signals.run())
@@ -94,7 +100,7 @@ def create_app(
                 limit=settings.delivery_concurrency,
                 limit_per_host=settings.delivery_per_host,
             )
-            deliverer = Deliverer(db, settings, callback_sender, owner)
+            deliverer = Deliverer(db, settings, callback_sender, owner, metrics=metrics)
             budget = upstream_budget(settings)
             poller = Poller(
                 db,
@@ -104,6 +110,7 @@ def create_app(
                 health=health,
                 signals=signals,
                 budget=budget,
+                metrics=metrics,
                 on_deliveries_queued=lambda: worker.kick_deliverer() if worker else None,
             )
             sweeper = None
@@ -116,20 +123,25 @@ def create_app(
                     signals,
                     health,
                     owner,
+                    metrics=metrics,
                     on_polls_queued=lambda: worker.kick_poller() if worker else None,
                 )
             worker = Worker(db, settings, poller, deliverer, sweeper)
             signals.on_silence.append(_resume_normal_polling(db, settings, worker))
             worker.start()
         context = ApiContext(db=db, settings=settings, health=health, signals=signals)
-        intake = IntakeContext(db=db, settings=settings, signals=signals)
+        intake = IntakeContext(db=db, settings=settings, signals=signals, metrics=metrics)
         if worker is not None:
             context.on_polls_queued = worker.kick_poller
             context.on_deliveries_queued = worker.kick_deliverer
             intake.on_polls_queued = worker.kick_poller
-        logger.info("relay started: role=%s node=%s", role, owner)
+        logger.info("relay started: role=%s node=%s", role, owner, extra={"event": "relay.started"})
         try:
-            yield {"api": context, "intake": intake}
+            yield {
+                "api": context,
+                "intake": intake,
+                "admin": AdminContext(db, settings, metrics, health, owner, signals),
+            }
         finally:
             watching.cancel()
             await context.creates.drain()
@@ -141,13 +153,14 @@ def create_app(
             if callback_sender is not None:
                 await callback_sender.aclose()
             await db.dispose()
-            logger.info("relay stopped: node=%s", owner)
+            logger.info("relay stopped: node=%s", owner, extra={"event": "relay.stopped"})
 
     # A worker serves only the probes; /openapi.json documents what this process serves.
     served = [*api.ROUTES, *intake_routes.ROUTES] if role != "worker" else []
     routes: list[BaseRoute] = [*served, *probes.ROUTES]
+    # The operator's routes are not the client API's: /openapi.json does not list them.
     return Starlette(
-        routes=with_openapi(routes),
+        routes=[*with_openapi(routes), *admin.routes(settings)],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )

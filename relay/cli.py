@@ -1,4 +1,5 @@
-"""The `relay` command: serve, migrate, keys, fake-upstream.
+"""The `relay` command: serve, migrate, keys, fake-upstream; the operator's subscriptions and
+stats commands are cli_ops.py's.
 
 Bad arguments or configuration end the process with one line on stderr and exit code 2.
 """
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from relay import __version__
+from relay import __version__, cli_ops, logs
 from relay.config import Settings
 from relay.errors import ConfigError, StartupError
 
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("id")
 
+    cli_ops.add_parsers(commands, _Parser)
+
     fake = commands.add_parser("fake-upstream", help="run the local upstream simulator")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)
@@ -69,14 +72,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             _fake_upstream(args)
             return
         settings = Settings.from_env()
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-            stream=sys.stderr,
+        logs.configure(
+            settings.log_level,
+            settings.log_format,
+            secrets=[settings.upstream_api_key, settings.admin_token],
         )
-        # Their INFO lines (every tick, every migration plugin) drown the relay's own.
-        for noisy in ("apscheduler", "alembic"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
         if args.command == "serve":
             _serve(settings, args)
         elif args.command == "migrate":
@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print("database is at the latest schema")
         elif args.command == "keys":
             _keys(settings, args)
+        elif args.command in cli_ops.COMMANDS:
+            _migrate(settings)
+            cli_ops.run(settings, args)
     except ConfigError as exc:
         _fail(f"{exc}")
     except StartupError as exc:
@@ -119,7 +122,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     if args.role == "all" and not settings.upstream_api_key:
         logger.warning(
             "RELAY_UPSTREAM_API_KEY is not set: polls go out without a key and the upstream "
-            "will refuse them; set it before real use"
+            "will refuse them; set it before real use",
+            extra={"event": "config.upstream_key_missing"},
         )
     # Bind before anything starts, so a port in use is one clear line, not a worker that
     # started and a traceback.
@@ -132,14 +136,23 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     config = uvicorn.Config(
         app,
         log_level=settings.log_level.lower(),
-        access_log=False,
+        # logs.configure has set uvicorn's loggers up: one format for every line.
+        log_config=None,
+        access_log=settings.access_log,
         lifespan="on",
         timeout_graceful_shutdown=10,
         # relay is not behind a proxy it trusts by default, and the headers cost per request
         proxy_headers=False,
         server_header=False,
     )
-    logger.info("listening on http://%s:%d (role %s)", host, sock.getsockname()[1], args.role)
+    bound_port = sock.getsockname()[1]
+    logger.info(
+        "listening on http://%s:%d (role %s)",
+        host,
+        bound_port,
+        args.role,
+        extra={"event": "relay.listening", "host": host, "port": bound_port, "role": args.role},
+    )
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -55,6 +55,10 @@ class Settings:
     hinted_poll_interval_s: float = 300.0
     sweep: str = "auto"
     sweep_min_interval_s: float = 1.0
+    # Operators: /metrics and /dashboard exist (and metrics are collected) only with a token.
+    admin_token: str | None = field(default=None, repr=False)
+    log_format: str = "text"
+    access_log: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +99,9 @@ class Settings:
             ),
             sweep=reader.get("RELAY_SWEEP", "auto", _sweep_mode),
             sweep_min_interval_s=reader.get("RELAY_SWEEP_MIN_INTERVAL", 1.0, _positive_seconds),
+            admin_token=reader.get("RELAY_ADMIN_TOKEN", None, _admin_token),
+            log_format=reader.get("RELAY_LOG_FORMAT", "text", _log_format),
+            access_log=reader.get("RELAY_ACCESS_LOG", False, _bool),
         )
         if settings.poll_max_interval_s < settings.poll_min_interval_s:
             raise ConfigError(
@@ -120,7 +127,8 @@ class _Reader:
 
 def _shown(name: str, raw: str) -> str:
     # Never echo a secret back into logs or terminals.
-    if "KEY" in name or "SECRET" in name or "DATABASE_URL" in name or "@" in raw:
+    hidden = ("KEY", "SECRET", "TOKEN", "DATABASE_URL")
+    if any(word in name for word in hidden) or "@" in raw:
         return "a value that is not shown"
     return repr(raw if len(raw) <= 60 else raw[:57] + "...")
 
@@ -242,3 +250,26 @@ def _sweep_mode(raw: str) -> str:
     if mode not in {"auto", "off"}:
         raise ValueError("must be auto or off")
     return mode
+
+
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in {"text", "json"}:
+        raise ValueError("must be text or json")
+    return value
+
+
+ADMIN_TOKEN_MIN_CHARS = 16
+
+
+def _admin_token(raw: str) -> str:
+    # It guards every subscription's callback URL and the relay's health: not a password
+    # to guess. Printable ASCII only, so it travels unchanged in a header and a cookie.
+    if len(raw) < ADMIN_TOKEN_MIN_CHARS:
+        raise ValueError(
+            f"must be at least {ADMIN_TOKEN_MIN_CHARS} characters "
+            "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if not all(33 <= ord(c) <= 126 for c in raw):
+        raise ValueError("must be printable ASCII without spaces")
+    return raw

@@ -25,6 +25,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from relay.errors import StartupError
+from relay.outages import Outage, is_outage, reason
+
+# What relay does while the database is down, said once when an outage starts.
+DATABASE_MEANWHILE = (
+    "the API answers 503 unavailable, /readyz 503, and polls and callbacks wait in the "
+    "database's tables: nothing is lost, and what fell due is picked up when it is back"
+)
+
+
+def database_outage() -> Outage:
+    return Outage("the database", DATABASE_MEANWHILE, event="database")
 
 
 @dataclass
@@ -35,6 +46,8 @@ class Database:
     read: AsyncEngine
     write: AsyncEngine
     clock_offset: timedelta = field(default=timedelta(0))
+    # Every unit of work reports here: an outage is a few log lines (outages.py).
+    outage: Outage = field(default_factory=database_outage)
 
     @property
     def is_postgres(self) -> bool:
@@ -47,20 +60,31 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction (IMMEDIATE on SQLite)."""
-        async with self.write.begin() as conn:
+        async with self._watched(), self.write.begin() as conn:
             yield conn
 
     @contextlib.asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncConnection]:
         """A read-only unit of work."""
-        async with self.read.connect() as conn:
+        async with self._watched(), self.read.connect() as conn:
             yield conn
+
+    @contextlib.asynccontextmanager
+    async def _watched(self) -> AsyncIterator[None]:
+        """Tell the outage tracker whether this unit of work reached the database."""
+        try:
+            yield
+        except Exception as exc:
+            if is_outage(exc):
+                self.outage.failed(reason(exc))
+            raise
+        self.outage.recovered()
 
     async def sync_clock(self) -> None:
         """Measure this machine's offset from the database clock (PostgreSQL only)."""
         if not self.is_postgres:
             return
-        async with self.read.connect() as conn:
+        async with self.reader() as conn:
             before = datetime.now(UTC)
             db_now = (await conn.execute(text("SELECT clock_timestamp()"))).scalar_one()
             after = datetime.now(UTC)
@@ -69,9 +93,11 @@ class Database:
     async def ping(self, timeout_s: float = 2.0) -> bool:
         """Whether the database answers within `timeout_s` (readiness must not hang)."""
         try:
-            async with asyncio.timeout(timeout_s), self.read.connect() as conn:
+            async with asyncio.timeout(timeout_s), self.reader() as conn:
                 await conn.execute(text("SELECT 1"))
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):  # a hang is an outage too
+                self.outage.failed(f"no answer within {timeout_s:g} s")
             return False
         return True
 

@@ -30,6 +30,8 @@ from relay.config import Settings
 from relay.database import Database
 from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.hostslots import HostSlots, Offer
+from relay.metrics import Metrics
+from relay.outages import report_failure
 from relay.retry import Outcome, decide, parse_retry_after
 from relay.sender import CallbackSender
 from relay.signing import sign
@@ -55,8 +57,25 @@ def callback_headers(delivery: store.ClaimedDelivery, timestamp: int) -> dict[st
     }
 
 
+def attempt_fields(
+    delivery: store.ClaimedDelivery, status_code: int | None, duration_ms: int | None, action: str
+) -> dict[str, object]:
+    """A callback attempt's fields in the logs (JSON lines carry them as they are)."""
+    return {
+        "event": f"callback.{action}",
+        "subscription_id": delivery.subscription_id,
+        "webhook_id": delivery.webhook_id,
+        "attempt": delivery.subscription_attempts + 1,
+        "status_code": status_code,
+        "duration_ms": duration_ms,
+        "host": delivery.host,
+    }
+
+
 class Deliverer(Drainer[int, store.ClaimedDelivery]):
     """Drains due deliveries; `tick()` is what the scheduler (or a final result) calls."""
+
+    work = "callbacks"
 
     def __init__(
         self,
@@ -65,17 +84,19 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
         sender: CallbackSender,
         owner: str,
         *,
+        metrics: Metrics | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._records: Batcher[store.AttemptRecord, None] = Batcher(self._write_records)
         limits = DrainLimits(
             settings.delivery_concurrency, CLAIM_BATCH_MAX, settings.delivery_timeout_s + 1
         )
-        super().__init__(limits, self._records, owner)
+        super().__init__(limits, self._records, owner, outage=db.outage)
         self._db = db
         self._settings = settings
         self._sender = sender
         self._rand = rand
+        self._metrics = metrics or Metrics(enabled=False)
         # Claimed deliveries waiting for a slot of their host take a slot of the overall
         # concurrency too; their leases are renewed like those in flight.
         self._slots: HostSlots[store.ClaimedDelivery] = HostSlots(
@@ -92,7 +113,11 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
         return len(self._in_flight) + self._slots.waiting_count
 
     async def _claim_batch(self, want: int) -> list[store.ClaimedDelivery]:
-        return await store.claim_due_deliveries(self._db, self._owner, want, self._settings.lease_s)
+        claimed = await store.claim_due_deliveries(
+            self._db, self._owner, want, self._settings.lease_s
+        )
+        self._metrics.takeovers("delivery", (delivery.previous_owner for delivery in claimed))
+        return claimed
 
     async def _start_batch(self, claimed: Sequence[store.ClaimedDelivery]) -> None:
         """Start what its host has room for, queue what it has room to wait for, and give the
@@ -159,6 +184,10 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
                 schedule_s=self._settings.delivery_retry_schedule_s,
                 rand=self._rand,
             )
+            since_queued = self._db.now() - delivery.queued_at
+            self._metrics.attempt(
+                sent.status_code, sent.error, duration_ms, decision.action, since_queued
+            )
             retry_at = None
             if decision.action == "retry":
                 assert decision.delay_s is not None
@@ -170,6 +199,7 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
                     host,
                     decision.action,
                     decision.reason,
+                    extra=attempt_fields(delivery, sent.status_code, duration_ms, decision.action),
                 )
             await self._records.submit(
                 store.AttemptRecord(
@@ -187,9 +217,9 @@ class Deliverer(Drainer[int, store.ClaimedDelivery]):
                     retry_at=retry_at,
                 )
             )
-        except Exception:
+        except Exception as exc:
             # The lease runs out and the delivery is tried again: nothing is lost.
-            logger.exception("delivery %s failed unexpectedly", delivery.id)
+            report_failure(logger, exc, self._outage, self.work, "delivery %s failed", delivery.id)
 
     async def _write_records(self, records: Sequence[store.AttemptRecord]) -> list[None]:
         await store.record_attempts(self._db, self._owner, records)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from relay.batching import Batcher
+from relay.outages import Outage, report_failure
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,16 @@ class DrainLimits:
 class Drainer(Generic[K, T]):
     """Base of Poller and Deliverer: items of type T, in flight under keys of type K."""
 
-    def __init__(self, limits: DrainLimits, records: Batcher[Any, Any], owner: str) -> None:
+    work = "work"  # what the items are, in log lines ("polls", "callbacks")
+
+    def __init__(
+        self,
+        limits: DrainLimits,
+        records: Batcher[Any, Any],
+        owner: str,
+        outage: Outage | None = None,
+    ) -> None:
+        self._outage = outage  # the database's: a failed round during an outage is counted
         self._owner = owner  # the node whose name the claims' leases carry
         self._draining = False
         self._again = False
@@ -76,8 +86,15 @@ class Drainer(Generic[K, T]):
                 await self._drain()
                 if not self._again or self._closing:
                     break
-        except Exception:
-            logger.exception("%s tick failed; the next tick retries", type(self).__name__)
+        except Exception as exc:
+            report_failure(
+                logger,
+                exc,
+                self._outage,
+                f"rounds of {self.work}",
+                "%s tick failed; the next tick retries",
+                type(self).__name__,
+            )
         finally:
             self._draining = False
 

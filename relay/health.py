@@ -1,17 +1,28 @@
-"""What /readyz reports about the upstream: how the last polls went.
+"""What /readyz reports about the upstream: how the last polls went; and the upstream's
+outages in the logs.
 
 Fed by the poller, read by the API; it lives apart from both so the API does not import the
-poller. An unauthorized answer is the operator's problem (the relay's own key is wrong), so it
-is logged loudly, at most once a minute.
+poller. An upstream that cannot be reached (errors, timeouts, 5xx: three polls in a row) and
+one that refuses the relay's own key (the operator's problem: RELAY_UPSTREAM_API_KEY) are each
+an outage (outages.py): one warning when it starts, a reminder at most every minute, one line
+when it ends.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Protocol
 
-logger = logging.getLogger(__name__)
+from relay.outages import Outage
+
+UNREACHABLE_MEANWHILE = (
+    "polls back off (each generation is tried again within RELAY_POLL_MAX_INTERVAL); "
+    "subscriptions stay active and none is failed for it"
+)
+REFUSED_MEANWHILE = (
+    "polling goes on slowly (every RELAY_POLL_MAX_INTERVAL) and no subscription is failed for "
+    "it; check RELAY_UPSTREAM_API_KEY"
+)
+FAILED_POLLS_BEFORE_AN_OUTAGE = 3  # one 502 is not an outage
 
 
 class Answer(Protocol):
@@ -29,22 +40,28 @@ class UpstreamHealth:
 
     def __init__(self) -> None:
         self.state = "unknown"
-        self._last_alarm = 0.0
+        self._unreachable = Outage(
+            "the upstream",
+            UNREACHABLE_MEANWHILE,
+            event="upstream",
+            threshold=FAILED_POLLS_BEFORE_AN_OUTAGE,
+        )
+        self._refused = Outage(
+            "the upstream",
+            REFUSED_MEANWHILE,
+            event="upstream_key",
+            down="refuses relay's API key",
+            up="accepts relay's API key again",
+        )
 
     def observe(self, result: Answer) -> None:
         if result.kind == "unauthorized":
             self.state = "unauthorized"
-            now = time.monotonic()
-            if now - self._last_alarm > 60:
-                self._last_alarm = now
-                logger.error(
-                    "upstream rejects the relay's API key (%s): check RELAY_UPSTREAM_API_KEY; "
-                    "polling continues slowly and no subscription is failed for it",
-                    result.error,
-                )
+            self._refused.failed(result.error or "unauthorized", "polls")
         elif result.kind == "error":
-            if self.state != "unreachable":
-                logger.warning("upstream requests are failing: %s", result.error)
             self.state = "unreachable"
+            self._unreachable.failed(result.error or "error", "polls")
         else:
             self.state = "ok"
+            self._unreachable.recovered()
+            self._refused.recovered()

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from relay.outages import report_failure
 from relay.schemas import BODY_MAX_BYTES
 
 logger = logging.getLogger(__name__)
@@ -247,7 +248,17 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def handle_database_error(request: Request, exc: Exception) -> Response:
-    logger.error("database error answering %s %s: %s", request.method, request.url.path, exc)
+    # The app's state carries the database (and its outage tracker) as `api.db`.
+    context = getattr(request.state, "api", None)
+    report_failure(
+        logger,
+        exc,
+        getattr(getattr(context, "db", None), "outage", None),
+        "API requests answered 503",
+        "database error answering %s %s",
+        request.method,
+        request.url.path,
+    )
     return error_response(
         ApiError(
             503,

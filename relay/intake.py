@@ -31,6 +31,7 @@ from relay.config import Settings
 from relay.database import Database
 from relay.hints import parse_hint
 from relay.http import Answer, ApiError, Operation, endpoint, read_body, route
+from relay.metrics import Metrics
 from relay.schedule import hinted_gap_s
 from relay.schemas import HINT_BODY_MAX_BYTES, UpstreamWebhook
 from relay.signals import Signals
@@ -48,6 +49,7 @@ class IntakeContext:
     db: Database
     settings: Settings
     signals: Signals
+    metrics: Metrics = field(default_factory=lambda: Metrics(enabled=False))
     on_polls_queued: Callable[[], None] = lambda: None
     rand: Callable[[], float] = random.random
     hints: Batcher[store.IncomingHint, store.HintOutcome] = field(init=False)
@@ -79,6 +81,7 @@ async def upstream_webhook(request: Request) -> Response:
     try:
         webhook_id = verify(secrets, request.headers, body, time.time())
     except SignatureError as exc:
+        ctx.metrics.hint("refused")
         raise ApiError(401, "unauthorized", f"webhook signature refused: {exc}") from None
     try:
         payload = orjson.loads(body)
@@ -96,6 +99,7 @@ async def upstream_webhook(request: Request) -> Response:
             safety_poll_at=ctx.db.now() + timedelta(seconds=safety_s),
         )
     )
+    ctx.metrics.hint("duplicate" if outcome == store.HintOutcome.DUPLICATE else "accepted")
     await ctx.signals.note_hint()
     logger.debug(
         "push hint %s for %s (%s): %s",

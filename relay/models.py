@@ -231,6 +231,10 @@ deliveries = Table(
     Index("ix_deliveries_subscription", "subscription_id"),
 )
 
+# An attempt that did not get a 2xx (no answer, or any other status). The same text in the
+# partial index and in the queries that use it, so both databases match them.
+FAILED_ATTEMPT = "status_code IS NULL OR status_code < 200 OR status_code >= 300"
+
 delivery_attempts = Table(
     "delivery_attempts",
     metadata,
@@ -253,6 +257,14 @@ delivery_attempts = Table(
     Column("response_excerpt", Text, nullable=True),
     Index("ix_delivery_attempts_subscription", "subscription_id", "id"),
     Index("ix_delivery_attempts_delivery", "delivery_id"),
+    # The dashboard: the last hour's attempts per minute, and the latest failures.
+    Index("ix_delivery_attempts_started_at", "started_at"),
+    Index(
+        "ix_delivery_attempts_failed",
+        "id",
+        sqlite_where=text(FAILED_ATTEMPT),
+        postgresql_where=text(FAILED_ATTEMPT),
+    ),
 )
 
 # Push hints for generations nobody watches yet, kept RELAY_HINT_MEMORY seconds, so that the

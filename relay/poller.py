@@ -26,7 +26,9 @@ from relay.config import Settings
 from relay.database import Database
 from relay.draining import CLAIM_BATCH_MAX, Drainer, DrainLimits
 from relay.health import UpstreamHealth
+from relay.metrics import Metrics
 from relay.models import EVENT_BY_FINAL_STATUS, CallbackEvent, GenerationState, Listing
+from relay.outages import report_failure
 from relay.ratelimit import TokenBucket
 from relay.schedule import TERMINAL_HINT_PATIENCE_S, error_gap_s, hinted_gap_s, poll_gap_s
 from relay.signals import Signals
@@ -140,8 +142,14 @@ def upstream_budget(settings: Settings) -> TokenBucket:
     return TokenBucket(rate, burst=max(1.0, rate))
 
 
+def _ended_fields(generation_id: str, event: str) -> dict[str, str]:
+    return {"event": "generation.ended", "generation_id": generation_id, "callback_event": event}
+
+
 class Poller(Drainer[str, store.ClaimedGeneration]):
     """Drains due polls; `tick()` is what the scheduler (or a new subscription) calls."""
+
+    work = "polls"
 
     def __init__(
         self,
@@ -153,6 +161,7 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         health: UpstreamHealth | None = None,
         signals: Signals | None = None,
         budget: TokenBucket | None = None,
+        metrics: Metrics | None = None,
         on_deliveries_queued: Callable[[], None] = lambda: None,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -160,13 +169,14 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         # Claim no more than the rate cap lets us poll within a fraction of the lease.
         per_round = max(1, min(CLAIM_BATCH_MAX, int(settings.upstream_max_rps)))
         limits = DrainLimits(settings.poll_concurrency, per_round, settings.upstream_timeout_s + 1)
-        super().__init__(limits, self._records, owner)
+        super().__init__(limits, self._records, owner, outage=db.outage)
         self._db = db
         self._settings = settings
         self._upstream = upstream
         self._rand = rand
         self.health = health or UpstreamHealth()
         self._signals = signals
+        self._metrics = metrics or Metrics(enabled=False)
         self._on_deliveries_queued = on_deliveries_queued
         # The upstream's request budget, shared with the sweeper when there is one.
         self._bucket = budget or upstream_budget(settings)
@@ -176,9 +186,11 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         return list(self._in_flight)
 
     async def _claim_batch(self, want: int) -> list[store.ClaimedGeneration]:
-        return await store.claim_due_generations(
+        claimed = await store.claim_due_generations(
             self._db, self._owner, want, self._settings.lease_s
         )
+        self._metrics.takeovers("poll", (generation.previous_owner for generation in claimed))
+        return claimed
 
     async def _start_batch(self, claimed: Sequence[store.ClaimedGeneration]) -> None:
         for generation in claimed:
@@ -191,8 +203,10 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
             await self._bucket.take()
             result = await self._upstream.poll(claimed.id)
             self.health.observe(result)
+            self._metrics.poll(result.kind)
             if result.kind == "rate_limited" and result.retry_after_s:
                 self._bucket.pause(min(result.retry_after_s, 60.0))
+                self._metrics.upstream_paused(min(result.retry_after_s, 60.0))
             if result.kind == "ok" and result.status not in FINAL_STATUSES | {
                 "IN_QUEUE",
                 "IN_PROGRESS",
@@ -201,6 +215,7 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
                     "unknown upstream status %r for generation %s; treating it as not final",
                     result.status,
                     claimed.id,
+                    extra={"event": "poll.unknown_status", "generation_id": claimed.id},
                 )
             hints_flowing = self._signals is not None and self._signals.hints_flowing()
             record = plan_record(
@@ -208,13 +223,23 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
             )
             kept = await self._records.submit(record)
             if not kept:
-                logger.warning("lease on generation %s was lost; its poll is discarded", claimed.id)
+                logger.warning(
+                    "lease on generation %s was lost; its poll is discarded",
+                    claimed.id,
+                    extra={"event": "poll.lease_lost", "generation_id": claimed.id},
+                )
             elif record.event is not None:
-                logger.info("generation %s ended: %s", claimed.id, record.event)
+                logger.info(
+                    "generation %s ended: %s",
+                    claimed.id,
+                    record.event,
+                    extra=_ended_fields(claimed.id, record.event),
+                )
+                self._metrics.generation_ended(record.event)
                 self._on_deliveries_queued()
-        except Exception:
+        except Exception as exc:
             # The lease runs out and the generation is polled again: nothing is lost.
-            logger.exception("poll of generation %s failed", claimed.id)
+            report_failure(logger, exc, self._outage, self.work, "poll of %s failed", claimed.id)
 
     async def _write_records(self, records: Sequence[store.PollRecord]) -> list[bool]:
         return await store.record_polls(self._db, self._owner, records)

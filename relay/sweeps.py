@@ -24,6 +24,7 @@ from relay import store
 from relay.config import Settings
 from relay.database import Database
 from relay.health import UpstreamHealth
+from relay.metrics import Metrics
 from relay.ratelimit import TokenBucket
 from relay.schedule import sweep_interval_s, unchanged_polls_for
 from relay.signals import Signals
@@ -46,6 +47,7 @@ class Sweeper:
         health: UpstreamHealth,
         owner: str,
         *,
+        metrics: Metrics | None = None,
         on_polls_queued: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -57,6 +59,7 @@ class Sweeper:
         self._health = health
         self._owner = owner
         self._on_polls_queued = on_polls_queued
+        self._metrics = metrics or Metrics(enabled=False)
         self._clock = clock
         self._counts: store.SweepCounts | None = None
         self._counted_at = -float("inf")
@@ -124,6 +127,10 @@ class Sweeper:
         self, answer: RunningList, sent_at: datetime, counts: store.SweepCounts
     ) -> None:
         self._health.observe(answer)
+        outcome: str = answer.kind if answer.kind != "unauthorized" else "error"
+        if answer.kind == "ok" and not answer.complete:
+            outcome = "partial"
+        self._metrics.sweep(outcome)
         if answer.kind == "ok":
             # Listed generations need no per-id poll until a little after the next sweeps;
             # if sweeps stop paying, their per-id polls resume that soon.
@@ -162,4 +169,6 @@ class Sweeper:
                 SWEEPS_OFF_S,
             )
         elif answer.kind == "rate_limited":
-            self._budget.pause(min(answer.retry_after_s or self._settings.poll_min_interval_s, 60))
+            pause_s = min(answer.retry_after_s or self._settings.poll_min_interval_s, 60.0)
+            self._budget.pause(pause_s)
+            self._metrics.upstream_paused(pause_s)

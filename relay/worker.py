@@ -22,6 +22,7 @@ from relay import store
 from relay.config import Settings
 from relay.database import Database
 from relay.deliverer import Deliverer
+from relay.outages import report_failure
 from relay.poller import Poller
 from relay.sweeps import Sweeper
 
@@ -64,7 +65,7 @@ class Worker:
             (self._tick_poller, tick_s, "poll"),
             (self._tick_deliverer, tick_s, "deliver"),
             (self._renew_leases, lease_s / 3, "renew-leases"),
-            (self.db.sync_clock, CLOCK_SYNC_S, "clock"),
+            (self._sync_clock, CLOCK_SYNC_S, "clock"),
             (self._prune, PRUNE_EVERY_S, "prune"),
         ]
         if self.sweeper is not None:
@@ -110,18 +111,30 @@ class Worker:
         try:
             await self.poller.renew_leases()
             await self.deliverer.renew_leases()
-        except Exception:
-            logger.exception("lease renewal failed")
+        except Exception as exc:
+            report_failure(logger, exc, self.db.outage, "lease renewals", "lease renewal failed")
+
+    async def _sync_clock(self) -> None:
+        try:
+            await self.db.sync_clock()
+        except Exception as exc:
+            report_failure(logger, exc, self.db.outage, "clock syncs", "clock sync failed")
 
     async def _prune(self) -> None:
         try:
             pruned = await store.prune(self.db, self.settings.retention_s)
             await store.prune_hints(self.db, self.settings.hint_memory_s, WEBHOOK_ID_MEMORY_S)
-        except Exception:
-            logger.exception("pruning failed; it is retried later")
+        except Exception as exc:
+            report_failure(
+                logger, exc, self.db.outage, "prunings", "pruning failed; it is retried later"
+            )
             return
         if pruned:
-            logger.info("pruned %d finished subscriptions past retention", pruned)
+            logger.info(
+                "pruned %d finished subscriptions past retention",
+                pruned,
+                extra={"event": "prune.done", "count": pruned},
+            )
 
     async def stop(self) -> None:
         self._scheduler.shutdown(wait=False)

@@ -315,3 +315,52 @@ async def relay_process(
     base_url = f"http://127.0.0.1:{port}"
     async with process(args, env, log_path, f"{base_url}/healthz", startup_timeout_s) as proc:
         yield proc, base_url
+
+
+# --- The operator's side ------------------------------------------------------------------------
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+
+
+def admin_headers(token: str = ADMIN_TOKEN) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def queue_final_deliveries(
+    db_url: str, key: store.NewKey, callback_urls: dict[str, str]
+) -> None:
+    """Generations already final (generation id → callback URL) with one subscription each
+    of `key`: each has its delivery queued, pending until a worker sends it."""
+    from relay.store import seeding
+
+    database = open_database(db_url)
+    try:
+        await seeding.add_final_generations(
+            database,
+            {gen_id: f'{{"id": "{gen_id}", "status": "COMPLETED"}}' for gen_id in callback_urls},
+        )
+        key_hash = store.hash_api_key(key.api_key)
+        await store.create_subscriptions(
+            database,
+            [
+                store.CreateRequest(key_hash, gen_id, url, None)
+                for gen_id, url in callback_urls.items()
+            ],
+        )
+    finally:
+        await database.dispose()
+
+
+def serve_env(db_url: str, upstream_url: str, **variables: str) -> dict[str, str]:
+    """The environment of a `relay serve` process for tests: fast polls and retries, private
+    callbacks allowed, the simulator as upstream; `variables` added or changed."""
+    return {
+        "RELAY_DATABASE_URL": db_url,
+        "RELAY_UPSTREAM_URL": upstream_url,
+        "RELAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
+        "RELAY_ALLOW_PRIVATE_CALLBACKS": "true",
+        "RELAY_POLL_MIN_INTERVAL": "0.1",
+        "RELAY_POLL_MAX_INTERVAL": "0.3",
+        "RELAY_DELIVERY_RETRY_SCHEDULE": "0.2,0.5,1",
+        **variables,
+    }

@@ -90,6 +90,9 @@ def test_from_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch)
         ("RELAY_RATE_LIMIT", "0", "rate_limit_per_s", 0.0),
         ("RELAY_RATE_LIMIT", "2", "rate_limit_per_s", 2.0),
         ("RELAY_POLL_MIN_INTERVAL", " 3 ", "poll_min_interval_s", 3.0),
+        ("RELAY_ADMIN_TOKEN", "a" * 16, "admin_token", "a" * 16),
+        ("RELAY_LOG_FORMAT", "JSON", "log_format", "json"),
+        ("RELAY_ACCESS_LOG", "on", "access_log", True),
     ],
 )
 def test_each_variable_is_parsed(variable: str, raw: str, field: str, expected: Any) -> None:
@@ -133,6 +136,10 @@ def test_an_empty_value_means_the_default(variable: str) -> None:
         ("RELAY_ALLOW_PRIVATE_CALLBACKS", "maybe"),
         ("RELAY_RATE_LIMIT", "-1"),
         ("RELAY_RATE_LIMIT", "lots"),
+        ("RELAY_ADMIN_TOKEN", "too-short"),
+        ("RELAY_ADMIN_TOKEN", "sixteen chars with spaces"),
+        ("RELAY_LOG_FORMAT", "xml"),
+        ("RELAY_ACCESS_LOG", "sometimes"),
     ],
 )
 def test_a_bad_value_raises_config_error_naming_the_variable(variable: str, raw: str) -> None:
@@ -178,3 +185,11 @@ def test_the_upstream_key_is_never_echoed() -> None:
     assert settings.upstream_api_key == SECRET
     assert SECRET not in repr(settings)
     assert SECRET not in str(settings)
+
+
+def test_the_admin_token_is_never_echoed() -> None:
+    """A refused RELAY_ADMIN_TOKEN is not repeated, and the settings' repr hides a good one."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_ADMIN_TOKEN": "short-secret"})
+    assert "short-secret" not in str(caught.value)
+    assert SECRET not in repr(Settings.from_env({"RELAY_ADMIN_TOKEN": SECRET}))

@@ -19,8 +19,10 @@ MAX_LINES = 450
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(names.split())
     for names in (
-        "relay relay.errors relay.ids relay.simulator",
-        "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit relay.statuses"
+        "relay relay.errors relay.ids relay.simulator relay.metrics",
+        "relay.outages relay.logs relay.cached",
+        "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit"
+        " relay.statuses"
         " relay.batching relay.hostslots",
         "relay.models relay.database relay.migrate",
         "relay.schemas",
@@ -30,15 +32,25 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         " relay.sweeps",
         "relay.worker",
         "relay.http relay.auth",
-        "relay.api relay.probes relay.openapi relay.intake",
+        "relay.api relay.probes relay.openapi relay.intake relay.dashboard relay.admin",
         "relay.app",
+        "relay.cli_ops",
         "relay.cli",
     )
 )
 # The API's side and the worker's side are siblings: the API only queues work through the store
 # (and kicks a drain through callbacks app.py wires), it never imports what does the work.
 API_SIDE = frozenset(
-    ["relay.http", "relay.auth", "relay.api", "relay.probes", "relay.openapi", "relay.intake"]
+    [
+        "relay.http",
+        "relay.auth",
+        "relay.api",
+        "relay.probes",
+        "relay.openapi",
+        "relay.intake",
+        "relay.dashboard",
+        "relay.admin",
+    ]
 )
 WORKER_SIDE = frozenset(
     [

@@ -72,7 +72,8 @@ def _clean_env(**variables: str) -> dict[str, str]:
 
 
 def test_the_wheel_ships_every_module_and_the_migrations(installed: Installed) -> None:
-    """The wheel holds each relay/*.py of the checkout and the migrations as relay.migrations."""
+    """The wheel holds each relay/*.py of the checkout, the dashboard's templates and the
+    migrations as relay.migrations."""
     with zipfile.ZipFile(installed.wheel) as wheel:
         names = set(wheel.namelist())
     versions = [p.name for p in (ROOT / "migrations" / "versions").glob("*.py")]
@@ -83,6 +84,10 @@ def test_the_wheel_ships_every_module_and_the_migrations(installed: Installed) -
     }
     assert "relay/migrations/versions/0001_initial_schema.py" in shipped_migrations
     assert shipped_migrations <= names
+    # The dashboard's templates are package data: listed in pyproject, or left out.
+    templates = {p.relative_to(ROOT).as_posix() for p in (ROOT / "relay" / "templates").glob("*")}
+    assert "relay/templates/dashboard.html" in templates
+    assert templates <= names, sorted(templates - names)
     # A subpackage missing from pyproject's explicit `packages` list would be left out.
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "relay").rglob("*.py")}
     assert modules <= names, sorted(modules - names)

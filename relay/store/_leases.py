@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Column, ColumnElement, Table, and_, select, update
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
@@ -58,20 +57,27 @@ class Leased:
         lease_s: float,
         now: datetime,
         returning: Sequence[ColumnElement[Any]],
-    ) -> Sequence[RowMapping]:
-        """Lease up to `limit` due rows, earliest due first; `returning` of each. SKIP LOCKED:
-        rows another node is claiming or writing are left to it, never waited for."""
-        due = select(self._id).where(self._due <= now)
+    ) -> list[dict[str, Any]]:
+        """Lease up to `limit` due rows, earliest due first; `returning` of each, and its
+        `previous_owner`: the node whose lease had run out on it (a takeover), or None. SKIP
+        LOCKED: rows another node is claiming or writing are left to it, never waited for."""
+        due = select(self._id, self.table.c.lease_owner).where(self._due <= now)
         if not self.due_means_live:
             due = due.where(self.live)
         due = due.order_by(self._due).limit(limit).with_for_update(skip_locked=True)
+        # Two statements, the rows locked by the first (PostgreSQL) or the transaction being
+        # the only writer (SQLite): an UPDATE's RETURNING cannot show the owner it replaced.
+        previous = {row_id: row_owner for row_id, row_owner in await conn.execute(due)}
+        if not previous:
+            return []
         claim = (
             update(self.table)
-            .where(self._id.in_(due.scalar_subquery()))
+            .where(any_of(self._id, list(previous), conn.dialect.name == "postgresql"))
             .values({self.due_column: now + timedelta(seconds=lease_s), "lease_owner": owner})
             .returning(*returning)
         )
-        return (await conn.execute(claim)).mappings().all()
+        rows = (await conn.execute(claim)).mappings().all()
+        return [{**row, "previous_owner": previous[row[self._id.name]]} for row in rows]
 
     async def renew(self, db: Database, owner: str, ids: Sequence[Any], lease_s: float) -> None:
         """Push the leases `owner` still holds among `ids` to `lease_s` from now."""

@@ -46,6 +46,8 @@ class ClaimedDelivery:
     host: str  # addresses.receiver_host(callback_url)
     signing_secret: str
     body: bytes
+    queued_at: datetime  # when the delivery was queued (the final status recorded, or later)
+    previous_owner: str | None = None  # set: its lease had run out (a takeover)
 
 
 async def claim_due_deliveries(
@@ -58,7 +60,8 @@ async def claim_due_deliveries(
         )
         if not claimed:
             return []
-        ids = [row["id"] for row in claimed]
+        previous = {row["id"]: row["previous_owner"] for row in claimed}
+        ids = list(previous)
         rows = (
             (
                 await conn.execute(
@@ -70,6 +73,7 @@ async def claim_due_deliveries(
                         deliveries.c.attempts,
                         deliveries.c.payload,
                         deliveries.c.host,
+                        deliveries.c.created_at,
                         subscriptions.c.attempts.label("subscription_attempts"),
                         subscriptions.c.callback_url,
                         api_keys.c.signing_secret,
@@ -89,7 +93,11 @@ async def claim_due_deliveries(
     for row in rows:
         text_body = row["payload"] if row["payload"] is not None else row["result"]
         if text_body is None:
-            logger.error("delivery %s has no body to send; it is sent as {}", row["id"])
+            logger.error(
+                "delivery %s has no body to send; it is sent as {}",
+                row["id"],
+                extra={"event": "delivery.no_body", "subscription_id": row["subscription_id"]},
+            )
             text_body = "{}"
         body = bodies.setdefault(text_body, text_body.encode())
         claimed_deliveries.append(
@@ -104,6 +112,8 @@ async def claim_due_deliveries(
                 host=row["host"] or receiver_host(row["callback_url"]),
                 signing_secret=row["signing_secret"],
                 body=body,
+                queued_at=row["created_at"],
+                previous_owner=previous[row["id"]],
             )
         )
     return claimed_deliveries

@@ -43,13 +43,16 @@ class ClaimedGeneration:
     hint_status: str | None = None  # the furthest status push hints named
     hinted_at: datetime | None = None  # set: push hints cover this generation
     listing: str | None = None  # models.Listing
+    previous_owner: str | None = None  # set: its lease had run out (a takeover)
 
 
 async def claim_due_generations(
     db: Database, owner: str, limit: int, lease_s: float
 ) -> list[ClaimedGeneration]:
     """Lease up to `limit` generations whose poll is due, oldest due first."""
-    returning = [generations.c[field.name] for field in fields(ClaimedGeneration)]
+    returning = [
+        generations.c[f.name] for f in fields(ClaimedGeneration) if f.name in generations.c
+    ]
     async with db.transaction() as conn:
         rows = await GENERATION_LEASES.claim(conn, owner, limit, lease_s, db.now(), returning)
     return [ClaimedGeneration(**row) for row in rows]
