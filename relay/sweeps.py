@@ -25,6 +25,7 @@ from relay.config import Settings
 from relay.database import Database
 from relay.health import UpstreamHealth
 from relay.metrics import Metrics
+from relay.outages import report_failure
 from relay.ratelimit import TokenBucket
 from relay.schedule import sweep_interval_s, unchanged_polls_for
 from relay.signals import Signals
@@ -78,8 +79,8 @@ class Sweeper:
         self._sweeping = True
         try:
             await self._tick()
-        except Exception:
-            logger.exception("sweep failed; the next tick tries again")
+        except Exception as exc:  # the next tick tries again
+            report_failure(logger, exc, self._db.outage, "sweeps", "sweep failed")
         finally:
             self._sweeping = False
 
