@@ -125,18 +125,25 @@ def attempt_json(row: Mapping[Any, Any]) -> dict[str, Any]:
 # --- Create: the hot path -------------------------------------------------------------------
 
 
+async def checked_subscription(settings: Settings, data: Any) -> SubscriptionCreate:
+    """`data` as a subscription create, its callback URL vetted (DNS included): 422
+    `validation_error` if either is wrong. Creates through the relay check their Relay-*
+    headers here too, so both routes keep one set of rules."""
+    payload = validate(SubscriptionCreate, data)
+    try:
+        await vet_callback_url(payload.callback_url, allow_private=settings.allow_private_callbacks)
+    except CallbackURLError as exc:
+        raise validation_error([{"field": "callback_url", "message": str(exc)}]) from None
+    return payload
+
+
 async def _create(
     ctx: ApiContext, authorization: str, declared_length: str | None, body: AsyncIterator[bytes]
 ) -> tuple[int, dict[str, Any]]:
     key_hash = ctx.auth.key_hash(authorization)
     try:
-        payload = validate(SubscriptionCreate, parse_object(await read_body(declared_length, body)))
-        try:
-            await vet_callback_url(
-                payload.callback_url, allow_private=ctx.settings.allow_private_callbacks
-            )
-        except CallbackURLError as exc:
-            raise validation_error([{"field": "callback_url", "message": str(exc)}]) from None
+        data = parse_object(await read_body(declared_length, body))
+        payload = await checked_subscription(ctx.settings, data)
     except ApiError:
         # Bad input from an unknown or revoked key is still a 401 first.
         await ctx.auth.key_id(key_hash)

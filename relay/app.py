@@ -16,9 +16,10 @@ import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from relay import api, probes
+from relay import api, probes, proxy
 from relay.api import ApiContext
 from relay.config import Settings
+from relay.creator import UpstreamCreator
 from relay.database import open_database
 from relay.deliverer import Deliverer
 from relay.health import UpstreamHealth
@@ -26,6 +27,7 @@ from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
 from relay.openapi import with_openapi
 from relay.poller import Poller
+from relay.proxy import ProxyContext
 from relay.sender import AiohttpSender, CallbackSender
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
@@ -37,6 +39,7 @@ Role = Literal["all", "api", "worker"]
 
 class State(TypedDict):
     api: ApiContext
+    proxy: ProxyContext
 
 
 def create_app(
@@ -86,11 +89,18 @@ def create_app(
         if worker is not None:
             context.on_polls_queued = worker.kick_poller
             context.on_deliveries_queued = worker.kick_deliverer
+        creator = UpstreamCreator(
+            settings.upstream_url,
+            settings.upstream_api_key,
+            timeout_s=settings.upstream_timeout_s,
+        )
+        proxy_context = ProxyContext(api=context, creator=creator)
         logger.info("relay started: role=%s node=%s", role, owner)
         try:
-            yield {"api": context}
+            yield {"api": context, "proxy": proxy_context}
         finally:
             await context.creates.drain()
+            await creator.aclose()
             if worker is not None:
                 await worker.stop()
             if upstream is not None:
@@ -101,7 +111,8 @@ def create_app(
             logger.info("relay stopped: node=%s", owner)
 
     # A worker serves only the probes; /openapi.json documents what this process serves.
-    routes: list[BaseRoute] = [*(api.ROUTES if role != "worker" else ()), *probes.ROUTES]
+    served = (*api.ROUTES, *proxy.ROUTES) if role != "worker" else ()
+    routes: list[BaseRoute] = [*served, *probes.ROUTES]
     return Starlette(
         routes=with_openapi(routes),
         lifespan=lifespan,

@@ -153,6 +153,7 @@ class Answer:
     description: str
     model: type[BaseModel] | None = None
     links: tuple[str, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)  # name: what it carries
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,9 @@ class Operation:
     """What one method of one path is, declared beside its handler: openapi.py publishes it.
 
     `errors` are the error statuses it may answer (their codes are the contract's). `body`,
-    `query` and `path` are the models its handler validates its input with.
+    `query`, `path` and `headers` are the models its handler validates its input with;
+    `raw_body` the media types of a body passed on unread, and `passthrough` what is answered
+    with another server's status (the OpenAPI `default` answer).
     """
 
     operation_id: str
@@ -171,6 +174,9 @@ class Operation:
     query: type[BaseModel] | None = None
     path: type[BaseModel] | None = None
     authenticated: bool = True
+    headers: type[BaseModel] | None = None
+    raw_body: tuple[str, ...] = ()
+    passthrough: Answer | None = None
 
 
 @dataclass(frozen=True)

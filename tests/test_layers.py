@@ -25,18 +25,20 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.models relay.database relay.migrate",
         "relay.schemas",
         "relay.store",
-        "relay.upstream relay.resolver relay.sender",
+        "relay.upstream relay.creator relay.resolver relay.sender",
         "relay.health relay.hints relay.draining relay.poller relay.deliverer",
         "relay.worker",
         "relay.http relay.auth",
-        "relay.api relay.probes relay.openapi",
+        "relay.api relay.proxy relay.probes relay.openapi",
         "relay.app",
         "relay.cli",
     )
 )
 # The API's side and the worker's side are siblings: the API only queues work through the store
 # (and kicks a drain through callbacks app.py wires), it never imports what does the work.
-API_SIDE = frozenset(["relay.http", "relay.auth", "relay.api", "relay.probes", "relay.openapi"])
+API_SIDE = frozenset(
+    ["relay.http", "relay.auth", "relay.api", "relay.proxy", "relay.probes", "relay.openapi"]
+)
 WORKER_SIDE = frozenset(
     [
         "relay.draining",

@@ -64,6 +64,7 @@ class CreateRecord:
     at: float  # unix time the body was read
     sse: bool
     status: int  # what it was answered
+    header_names: list[str]  # lower case, sorted: what the client forwarded
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,8 +122,9 @@ def create_routes(sim: FakeUpstream) -> list[Route]:
         content_type = request.headers.get("content-type", "")
         multipart = content_type.lower().startswith("multipart/")
         size, sha256, raw = await _read_body(request, keep=not multipart)
+        names = sorted({name.decode("latin-1").lower() for name, _ in request.scope["headers"]})
         record = CreateRecord(
-            None, request.url.path, content_type, size, sha256, time.time(), sse, 200
+            None, request.url.path, content_type, size, sha256, time.time(), sse, 200, names
         )
         sim.creates.append(record)
         refused = _refusal(faults)

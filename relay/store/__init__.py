@@ -8,13 +8,14 @@ ran out cannot overwrite the work of the one that took over. The pattern is writ
 _leases.py, for both leased tables.
 
 Lock order, for every writer that takes more than one: generation, then deliveries, then
-subscriptions (create, cancel, record a poll, record attempts, redeliver). Nodes therefore
+subscriptions (create, cancel, record a poll, record attempts, redeliver, record a create
+made through the relay). Nodes therefore
 do not deadlock on each other in the common paths, and a transaction that still loses such a
 race is retried whole (`_sql.retrying`). A subscription cannot be left active on a generation
 that stopped polling: create and cancel both lock the generation row first.
 
 One module per table family: keys.py (API keys); creates.py and subscriptions.py (the API's
-side of subscriptions); generations.py (polls); deliveries.py and attempts.py (the outbox and
+side of subscriptions); proxied.py (the commit after a create through the relay); generations.py (polls); deliveries.py and attempts.py (the outbox and
 what each attempt writes); housekeeping.py (pruning); seeding.py (bulk states for benchmarks
 and tests, not re-exported here). Callers use the names below as `store.<name>`. The store
 imports no HTTP code.
@@ -47,6 +48,7 @@ from relay.store.generations import (
 )
 from relay.store.housekeeping import prune
 from relay.store.keys import NewKey, authenticate, create_key, hash_api_key, list_keys, revoke_key
+from relay.store.proxied import ProxiedCreate, ProxiedOutcome, record_proxied_create
 from relay.store.subscriptions import (
     RedeliverConflict,
     cancel_subscription,
@@ -66,6 +68,8 @@ __all__ = [
     "HostDeferral",
     "NewKey",
     "PollRecord",
+    "ProxiedCreate",
+    "ProxiedOutcome",
     "RedeliverConflict",
     "authenticate",
     "cancel_subscription",
@@ -82,6 +86,7 @@ __all__ = [
     "prune",
     "record_attempts",
     "record_polls",
+    "record_proxied_create",
     "redeliver",
     "release_deliveries",
     "renew_delivery_leases",

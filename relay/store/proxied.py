@@ -1,0 +1,70 @@
+"""Recording a generation created through the relay: its subscription, in one transaction.
+
+Owns the commit that follows the upstream's answer to a create: the subscription is made
+through the create path of creates.py (the same rules, the same generation row), and the
+generation starts with the status the create's answer showed. It never calls the upstream
+and never decides what to answer (proxy.py does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relay.database import Database
+from relay.models import generations
+from relay.store._sql import retrying
+from relay.store.creates import CreateRequest, _create_subscriptions
+
+
+@dataclass(frozen=True)
+class ProxiedCreate:
+    """A generation the upstream just created for a key, and the subscription it asks for."""
+
+    key_hash: str
+    generation_id: str
+    callback_url: str
+    metadata_json: str | None
+    # The status the create's answer showed (normalised), if any.
+    generation_status: str | None
+
+
+@dataclass(frozen=True)
+class ProxiedOutcome:
+    """The subscription made (None: the key was revoked meanwhile), and what to wake."""
+
+    subscription: Mapping[Any, Any] | None
+    polls_queued: bool
+    deliveries_queued: bool
+
+
+async def record_proxied_create(db: Database, create: ProxiedCreate) -> ProxiedOutcome:
+    """Subscribe the key to the generation it created, in one transaction."""
+
+    async def work() -> ProxiedOutcome:
+        async with db.transaction() as conn:
+            return await _record(conn, db, create)
+
+    return await retrying(work, on_integrity_error=True)
+
+
+async def _record(conn: AsyncConnection, db: Database, create: ProxiedCreate) -> ProxiedOutcome:
+    now = db.now()
+    request = CreateRequest(
+        create.key_hash, create.generation_id, create.callback_url, create.metadata_json
+    )
+    outcome = await _create_subscriptions(conn, now, [request], db.is_postgres)
+    (result,) = outcome.results
+    if result.subscription is not None and create.generation_status is not None:
+        # The create's answer is the first status seen: shown at once, and the first poll
+        # counts from it.
+        await conn.execute(
+            update(generations)
+            .where(generations.c.id == create.generation_id, generations.c.status.is_(None))
+            .values(status=create.generation_status, status_changed_at=now, updated_at=now)
+        )
+    return ProxiedOutcome(result.subscription, outcome.polls_queued, outcome.deliveries_queued)
