@@ -157,6 +157,8 @@ async def _create(
             metadata_json=orjson.dumps(metadata).decode() if metadata is not None else None,
         )
     )
+    if result.not_found:
+        raise ApiError(404, "not_found", "no such generation for this key")
     if result.subscription is None:
         raise unauthorized()
     return (201 if result.created else 200), subscription_json(result.subscription)
@@ -271,7 +273,7 @@ CREATE = Operation(
         201: Answer("created", Subscription, links=_BY_ID),
         200: Answer("an identical active subscription exists", Subscription, links=_BY_ID),
     },
-    errors=(400, 401, 413, 422, 429),
+    errors=(400, 401, 404, 413, 422, 429),
 )
 LIST = Operation(
     "listSubscriptions",

@@ -144,6 +144,10 @@ generations = Table(
     Column("lease_owner", String(40), nullable=True),
     _now_column("created_at"),
     _now_column("updated_at"),
+    # The key that created it through the relay (proxy.py): only that key may subscribe to
+    # it. Null for generations created elsewhere. No foreign key: keys are never deleted, and
+    # adding one would rebuild this table on SQLite.
+    Column("owner_key_id", String(40), nullable=True),
     Index("ix_generations_due", "next_poll_at"),
     Index("ix_generations_state_updated", "state", "updated_at"),
 )

@@ -11,13 +11,17 @@ import hashlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import orjson
 import pytest
+from sqlalchemy import select
 
+from relay.database import Database
+from relay.models import generations
 from relay.schemas import Subscription
 from relay.simulator import FakeUpstream
-from tests.apiclient import PUBLIC_HOOK, expect_error
-from tests.helpers import free_port, serve_receiver, wait_for
+from tests.apiclient import OTHER_PUBLIC_HOOK, PUBLIC_HOOK, expect_error, expect_subscription
+from tests.helpers import free_port, new_key, serve_receiver, wait_for
 from tests.proxy_support import MODEL_PATH, Rig, rig, simulator
 
 
@@ -270,3 +274,60 @@ async def test_the_whole_loop_delivers_the_final_result(
             assert hook.headers["relay-subscription-id"] == answer.headers["relay-subscription-id"]
             delivered: dict[str, Any] = orjson.loads(hook.body)
             assert (delivered["id"], delivered["status"]) == (gen_id, finished.json()["status"])
+
+
+# --- Ownership ------------------------------------------------------------------------------
+
+
+async def test_a_generation_created_through_the_relay_belongs_to_its_key(proxy: Rig) -> None:
+    """Another key subscribing to it by id gets 404 not_found (nothing made); the creating
+    key may subscribe more callbacks; a generation created elsewhere stays open to all."""
+    answer = await proxy.create()
+    assert answer.status_code == 200, answer.text
+    gen_id = answer.json()["id"]
+    other = (await new_key(proxy.db_url, "other")).api_key
+
+    async def subscribe(key: str, generation_id: str, url: str) -> httpx.Response:
+        return await proxy.relay.post(
+            "/v1/subscriptions",
+            headers={"authorization": f"Bearer {key}"},
+            json={"generation_id": generation_id, "callback_url": url},
+        )
+
+    error = expect_error(await subscribe(other, gen_id, PUBLIC_HOOK), 404, "not_found")
+    assert "generation" in error.error.message
+    assert await proxy.subscriptions(other) == []
+    expect_subscription(await subscribe(proxy.key, gen_id, OTHER_PUBLIC_HOOK), 201)
+    assert len(await proxy.subscriptions()) == 2
+    expect_subscription(await subscribe(other, "gen_made_elsewhere", PUBLIC_HOOK), 201)
+    expect_subscription(await subscribe(proxy.key, "gen_made_elsewhere", PUBLIC_HOOK), 201)
+
+
+async def test_another_key_does_not_wake_an_owned_generation(proxy: Rig, db: Database) -> None:
+    """Once its owner canceled, an owned generation stays idle when another key asks for it
+    (404), and polls again when its owner subscribes anew."""
+    answer = await proxy.create()
+    gen_id = answer.json()["id"]
+    auth = {"authorization": f"Bearer {proxy.key}"}
+    sub_id = answer.headers["relay-subscription-id"]
+    canceled = await proxy.relay.delete(f"/v1/subscriptions/{sub_id}", headers=auth)
+    assert canceled.status_code == 200, canceled.text
+
+    async def state() -> str:
+        async with db.reader() as conn:
+            found = await conn.execute(
+                select(generations.c.state).where(generations.c.id == gen_id)
+            )
+            return str(found.scalar_one())
+
+    assert await state() == "idle"
+    other = (await new_key(proxy.db_url, "other")).api_key
+    body = {"generation_id": gen_id, "callback_url": PUBLIC_HOOK}
+    refused = await proxy.relay.post(
+        "/v1/subscriptions", headers={"authorization": f"Bearer {other}"}, json=body
+    )
+    expect_error(refused, 404, "not_found")
+    assert await state() == "idle"
+    again = await proxy.relay.post("/v1/subscriptions", headers=auth, json=body)
+    expect_subscription(again, 201)
+    assert await state() == "polling"

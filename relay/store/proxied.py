@@ -2,7 +2,7 @@
 
 Owns the commit that follows the upstream's answer to a create: the subscription is made
 through the create path of creates.py (the same rules, the same generation row), and the
-generation starts with the status the create's answer showed. It never calls the upstream
+generation is marked as the creating key's own, with the status the create's answer showed. It never calls the upstream
 and never decides what to answer (proxy.py does).
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import case, func, literal, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
@@ -59,12 +59,19 @@ async def _record(conn: AsyncConnection, db: Database, create: ProxiedCreate) ->
     )
     outcome = await _create_subscriptions(conn, now, [request], db.is_postgres)
     (result,) = outcome.results
-    if result.subscription is not None and create.generation_status is not None:
-        # The create's answer is the first status seen: shown at once, and the first poll
-        # counts from it.
-        await conn.execute(
-            update(generations)
-            .where(generations.c.id == create.generation_id, generations.c.status.is_(None))
-            .values(status=create.generation_status, status_changed_at=now, updated_at=now)
-        )
+    if result.subscription is not None:
+        # The key that created it owns it. The create's answer is the first status seen:
+        # shown at once, and the first poll counts from it.
+        gen = generations.c
+        values: dict[str, Any] = {
+            "owner_key_id": func.coalesce(gen.owner_key_id, result.subscription["api_key_id"]),
+            "updated_at": now,
+        }
+        if create.generation_status is not None:
+            values["status"] = func.coalesce(gen.status, create.generation_status)
+            values["status_changed_at"] = case(
+                (gen.status.is_(None), literal(now, gen.status_changed_at.type)),
+                else_=gen.status_changed_at,
+            )
+        await conn.execute(update(generations).where(gen.id == create.generation_id).values(values))
     return ProxiedOutcome(result.subscription, outcome.polls_queued, outcome.deliveries_queued)
