@@ -24,6 +24,7 @@ from relay.database import open_database
 from relay.deliverer import Deliverer
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
+from relay.idempotency import IdempotencyGate
 from relay.ids import new_id
 from relay.openapi import with_openapi
 from relay.poller import Poller
@@ -94,7 +95,8 @@ def create_app(
             settings.upstream_api_key,
             timeout_s=settings.upstream_timeout_s,
         )
-        proxy_context = ProxyContext(api=context, creator=creator)
+        gate = IdempotencyGate(db, owner, settings.lease_s)
+        proxy_context = ProxyContext(api=context, creator=creator, gate=gate)
         logger.info("relay started: role=%s node=%s", role, owner)
         try:
             yield {"api": context, "proxy": proxy_context}

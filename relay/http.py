@@ -163,7 +163,8 @@ class Operation:
     `errors` are the error statuses it may answer (their codes are the contract's). `body`,
     `query`, `path` and `headers` are the models its handler validates its input with;
     `raw_body` the media types of a body passed on unread, and `passthrough` what is answered
-    with another server's status (the OpenAPI `default` answer).
+    with another server's status (the OpenAPI `default` answer); `error_notes` say what an
+    error status means on this route where the common description does not fit.
     """
 
     operation_id: str
@@ -177,6 +178,7 @@ class Operation:
     headers: type[BaseModel] | None = None
     raw_body: tuple[str, ...] = ()
     passthrough: Answer | None = None
+    error_notes: Mapping[int, str] = field(default_factory=dict)  # this route's own codes
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -65,6 +66,14 @@ class DeliveryStatus(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     CANCELED = "canceled"
+
+
+class IdempotencyState(StrEnum):
+    IN_PROGRESS = "in_progress"  # its request is with the upstream; `owner` renews the lease
+    DONE = "done"  # the answer is stored: every retry with the key gets it again
+    # Nothing was created upstream: the answer went to the request (and to duplicates that
+    # waited for it); the next request with the key may use it again.
+    RELEASED = "released"
 
 
 class CallbackEvent(StrEnum):
@@ -237,4 +246,31 @@ delivery_attempts = Table(
     Column("response_excerpt", Text, nullable=True),
     Index("ix_delivery_attempts_subscription", "subscription_id", "id"),
     Index("ix_delivery_attempts_delivery", "delivery_id"),
+)
+
+# Creates through the relay sent with an Idempotency-Key (proxy.py): one row per key and
+# Idempotency-Key, kept 24 hours. The first request claims the row (in_progress, under a lease
+# its process renews), and the stored answer is what every retry gets.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("api_key_id", String(40), ForeignKey("api_keys.id"), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("request", String(512), nullable=False),  # method and path, "POST /v1/generation/..."
+    # sha256 of Relay-Callback-Url and Relay-Metadata; of the body, once it was read whole.
+    Column("target_sha256", String(64), nullable=False),
+    Column("body_sha256", String(64), nullable=True),
+    # IdempotencyState: in_progress | done | released
+    Column("state", String(16), nullable=False),
+    Column("owner", String(40), nullable=True),  # the node whose request holds it
+    Column("locked_until", UTCDateTime(), nullable=True),  # the owner's lease
+    # The answer: status, the headers passed on (JSON object), body as sent.
+    Column("status_code", Integer, nullable=True),
+    Column("response_headers", Text, nullable=True),
+    Column("response_body", LargeBinary, nullable=True),
+    Column("subscription_id", String(40), nullable=True),
+    Column("generation_id", String(128), nullable=True),
+    _now_column("created_at"),
+    _now_column("updated_at"),
+    Index("ix_idempotency_keys_created", "created_at"),
 )

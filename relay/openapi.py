@@ -109,7 +109,8 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
         str(status): _answer(answer, schemas) for status, answer in operation.answers.items()
     }
     for status in operation.errors:
-        responses[str(status)] = _answer(Answer(_ERRORS[status], ErrorBody), schemas)
+        note = operation.error_notes.get(status, _ERRORS[status])
+        responses[str(status)] = _answer(Answer(note, ErrorBody), schemas)
     if operation.passthrough is not None:
         responses["default"] = _answer(operation.passthrough, schemas)
     described["responses"] = responses

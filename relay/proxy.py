@@ -1,15 +1,20 @@
 """Creating generations through the relay: POST /v1/generation/{provider}/{model...}.
 
 One call creates the generation upstream and subscribes to it. Everything that can be
-checked is checked before the upstream is called, so a refused request costs no credits:
-the key (401/429), the path, the Relay-Callback-Url and Relay-Metadata headers (by the
-subscription API's own rules and DNS check: `api.checked_subscription`) and the declared
-size. The body is then streamed to the upstream (creator.py) as it arrives, counted against
-RELAY_PROXY_MAX_BODY (413, mid-stream too), and the client gets the upstream's status and
+checked is checked first (proxy_request.py), so a refused request costs no credits; the body
+is then streamed to the upstream (creator.py) and the client gets the upstream's status and
 body verbatim. When the upstream accepted (2xx with an `id`), the subscription is committed
 before the answer is sent and named in Relay-Subscription-Id; refusals pass through with no
 subscription. No answer from the upstream is 502 `upstream_unavailable` or 504
 `upstream_timeout`; a 2xx without an id is 502 `upstream_invalid_answer`.
+
+With an Idempotency-Key the request first claims the key (idempotency.py). The holder's
+answer is stored in the same transaction as the subscription, so a retry finds both or
+neither. Every other request with the key waits for the holder and gets its answer again
+(`Idempotent-Replayed: true`), or 422 `idempotency_mismatch` if it differs from the first;
+409 `idempotency_in_progress` when the holder is still at work after the wait, and 409
+`idempotency_outcome_unknown` when the holder died before recording an answer: the upstream
+may have created the generation, and the relay never creates again under that key.
 
 No SQL here (the store does it) and nothing of the worker's side: the routes only wake it
 through the hooks in `ApiContext`.
@@ -21,35 +26,22 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
-import orjson
-from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from relay import store
-from relay.api import ApiContext, checked_subscription
+from relay.api import ApiContext
 from relay.creator import CreateAnswer, CreateFailed, UpstreamCreator
-from relay.http import (
-    Answer,
-    ApiError,
-    Endpoint,
-    Operation,
-    parse_object,
-    route,
-    validation_error,
-)
+from relay.http import Answer, ApiError, Endpoint, Operation, error_response, route
+from relay.idempotency import IdempotencyGate, Verdict, differs, rule
+from relay.models import IdempotencyState
+from relay.proxy_request import ClientGone, CreateJob, checked_request
 from relay.schemas import ProxyHeaders, ProxyPath
 
 logger = logging.getLogger(__name__)
-
-# Validated as a subscription create, the headers need a generation id: the real one is
-# only known once the upstream has answered.
-_PENDING_ID = "pending"
-_HEADER_OF_FIELD = {"callback_url": "Relay-Callback-Url", "metadata": "Relay-Metadata"}
 
 
 @dataclass
@@ -58,40 +50,19 @@ class ProxyContext:
 
     api: ApiContext
     creator: UpstreamCreator
+    gate: IdempotencyGate
 
 
-class ClientGone(Exception):
-    """The client went away before its body was all sent."""
+@dataclass
+class Forwarded:
+    """How a forwarded create ended: the answer (None: the client left mid-body), whether the
+    upstream may have created something (DONE) or certainly did not (RELEASED), whether the
+    answer is already committed, and headers only this answer carries."""
 
-
-class RequestBody:
-    """The client's body as it arrives: counted against the limit, never held."""
-
-    def __init__(self, receive: Receive, max_bytes: int) -> None:
-        self._receive = receive
-        self._max_bytes = max_bytes
-        self.size = 0
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, chunk by chunk; 413 past the limit, ClientGone if the client left."""
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk: bytes = message.get("body", b"")
-            self.size += len(chunk)
-            if self.size > self._max_bytes:
-                raise too_large(self._max_bytes)
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
-
-
-def too_large(max_bytes: int) -> ApiError:
-    return ApiError(
-        413, "payload_too_large", f"the request body is over {max_bytes} bytes (the relay's limit)"
-    )
+    answer: store.StoredAnswer | None
+    state: IdempotencyState
+    committed: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _failpoint(ctx: ProxyContext, name: str) -> None:
@@ -101,81 +72,30 @@ def _failpoint(ctx: ProxyContext, name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# --- Checking the request -------------------------------------------------------------------
+# --- Answers --------------------------------------------------------------------------------
 
 
-def _headers(scope: Scope) -> dict[str, bytes]:
-    """The request's headers by lower-case name (the first of repeated ones)."""
-    found: dict[str, bytes] = {}
-    for name, value in scope["headers"]:
-        found.setdefault(name.decode("latin-1"), value)
-    return found
+def _stored(exc: ApiError) -> store.StoredAnswer:
+    """The relay's own error answer, as it is sent and stored."""
+    sent = error_response(exc)
+    headers = {"content-type": "application/json", **(exc.headers or {})}
+    return store.StoredAnswer(exc.status, headers, bytes(sent.body))
 
 
-def _model_path(scope: Scope) -> str:
-    """`provider/model...`, checked safe to put in the upstream's path (404 if not)."""
-    try:
-        path = ProxyPath.model_validate(scope["path_params"])
-    except ValidationError:
-        raise ApiError(404, "not_found", "no such route: not a model path") from None
-    if path.provider == "sse":
-        raise ApiError(
-            404,
-            "not_found",
-            "no such route: the relay answers creates as JSON; with RELAY_UPSTREAM_SSE=true "
-            "it follows the upstream's stream itself",
-        )
-    return f"{path.provider}/{path.model}"
+def _passed_through(answer: CreateAnswer) -> store.StoredAnswer:
+    headers: dict[str, str] = {}
+    if answer.content_type is not None:
+        headers["content-type"] = answer.content_type
+    if answer.retry_after is not None:
+        headers["retry-after"] = answer.retry_after
+    return store.StoredAnswer(answer.status, headers, answer.body, None, answer.generation_id)
 
 
-async def _subscription_target(ctx: ProxyContext, headers: Mapping[str, bytes]) -> Any:
-    """The Relay-* headers checked as a subscription's `callback_url` and `metadata`."""
-    data: dict[str, Any] = {"generation_id": _PENDING_ID}
-    details: list[dict[str, str]] = []
-    raw_url = headers.get("relay-callback-url")
-    if raw_url is not None:
-        try:
-            data["callback_url"] = raw_url.decode()
-        except UnicodeDecodeError:
-            details.append({"field": "Relay-Callback-Url", "message": "must be UTF-8"})
-    raw_metadata = headers.get("relay-metadata")
-    if raw_metadata is not None:
-        try:
-            data["metadata"] = parse_object(raw_metadata)
-        except ApiError as exc:
-            details.append({"field": "Relay-Metadata", "message": exc.message})
-    try:
-        checked = await checked_subscription(ctx.api.settings, data)
-    except ApiError as exc:
-        details += [_renamed(detail) for detail in exc.details or ()]
-        checked = None
-    if details or checked is None:
-        raise validation_error(details)
-    return checked
-
-
-def _renamed(detail: Mapping[str, str]) -> dict[str, str]:
-    """A validation detail of the subscription's fields, named by the header instead."""
-    field, _, rest = detail["field"].partition(".")
-    header = _HEADER_OF_FIELD.get(field, field)
-    message = "required" if detail["message"] == "Field required" else detail["message"]
-    return {"field": f"{header}.{rest}" if rest else header, "message": message}
-
-
-def _declared_length(headers: Mapping[str, bytes], max_bytes: int) -> int | None:
-    raw = headers.get("content-length")
-    if raw is None:
-        return None
-    try:
-        declared = int(raw)
-    except ValueError:
-        return None  # the HTTP server refuses these before the route sees them
-    if declared > max_bytes:
-        raise too_large(max_bytes)
-    return declared
-
-
-# --- Answering ------------------------------------------------------------------------------
+def _response(answer: store.StoredAnswer, extra: Mapping[str, str]) -> Response:
+    headers = {**answer.headers, **extra}
+    if answer.subscription_id is not None:
+        headers["relay-subscription-id"] = answer.subscription_id
+    return Response(answer.body, status_code=answer.status, headers=headers)
 
 
 def _upstream_error(exc: CreateFailed) -> ApiError:
@@ -191,76 +111,76 @@ def _upstream_error(exc: CreateFailed) -> ApiError:
     return ApiError(502, "upstream_unavailable", exc.detail + maybe)
 
 
-def _passed_through(answer: CreateAnswer, extra: Mapping[str, str]) -> Response:
-    headers = dict(extra)
-    if answer.content_type is not None:
-        headers["content-type"] = answer.content_type
-    if answer.retry_after is not None:
-        headers["retry-after"] = answer.retry_after
-    return Response(answer.body, status_code=answer.status, headers=headers)
+def _after_refusal(status: int) -> IdempotencyState:
+    """Whether an upstream's non-2xx answer proves nothing was created. A 4xx refused the
+    request, a 503 was too busy to take it; any other 5xx (a gateway's 502 or 504 above all)
+    may come after the upstream created the generation, so it is never created again."""
+    if 300 <= status < 500 or status == 503:
+        return IdempotencyState.RELEASED
+    return IdempotencyState.DONE
 
 
-# --- The route ------------------------------------------------------------------------------
+def _lost_generation(job: CreateJob, why: str) -> None:
+    logger.error(
+        "create through the relay for key %s (%s): %s; a generation may exist upstream that "
+        "nobody is subscribed to",
+        job.key_id,
+        job.model_path,
+        why,
+    )
 
 
-async def _create(ctx: ProxyContext, scope: Scope, receive: Receive) -> Response | None:
-    headers = _headers(scope)
-    settings = ctx.api.settings
-    key_hash = ctx.api.auth.key_hash(headers.get("authorization", b"").decode("latin-1"))
-    key_id = await ctx.api.auth.key_id(key_hash)
-    model_path = _model_path(scope)
-    target = await _subscription_target(ctx, headers)
-    declared = _declared_length(headers, settings.proxy_max_body_bytes)
-    body = RequestBody(receive, settings.proxy_max_body_bytes)
-    content_type = headers.get("content-type")
+# --- Forwarding -----------------------------------------------------------------------------
+
+
+async def _forward(
+    ctx: ProxyContext, job: CreateJob, ref: store.IdempotencyRef | None
+) -> Forwarded:
+    """Create upstream and, when it accepted, commit the subscription (and settle `ref`)."""
     started = time.monotonic()
     try:
         answer = await ctx.creator.create(
-            model_path,
-            body.chunks(),
-            content_type=content_type.decode("latin-1") if content_type else None,
-            content_length=declared,
+            job.model_path,
+            job.body.chunks(),
+            content_type=job.content_type,
+            content_length=job.declared_length,
         )
     except ClientGone:
         logger.info("create through the relay abandoned: the client left mid-body")
-        return None
+        return Forwarded(None, IdempotencyState.RELEASED)
+    except ApiError as exc:  # the body's own: past the size limit, the upload cut off
+        return Forwarded(_stored(exc), IdempotencyState.RELEASED)
     except CreateFailed as exc:
         if exc.sent:
-            logger.error(
-                "create through the relay for key %s (%s): %s after the request went out; a "
-                "generation may exist upstream that nobody is subscribed to",
-                key_id,
-                model_path,
-                exc.detail,
-            )
-        raise _upstream_error(exc) from None
+            _lost_generation(job, f"{exc.detail} after the request went out")
+        state = IdempotencyState.DONE if exc.sent else IdempotencyState.RELEASED
+        return Forwarded(_stored(_upstream_error(exc)), state)
     answered = time.monotonic()
+    passed = _passed_through(answer)
     if not answer.accepted:
-        return _passed_through(answer, {})
+        return Forwarded(passed, _after_refusal(answer.status))
     if answer.generation_id is None:
-        logger.error(
-            "create through the relay for key %s (%s): the upstream answered %d without a "
-            "generation id; a generation may exist upstream that nobody is subscribed to",
-            key_id,
-            model_path,
-            answer.status,
-        )
-        raise ApiError(
+        _lost_generation(job, f"the upstream answered {answer.status} without a generation id")
+        invalid = ApiError(
             502,
             "upstream_invalid_answer",
             f"the upstream answered {answer.status} without a generation id; the generation "
             "may have been created upstream, and no subscription was made",
         )
+        return Forwarded(_stored(invalid), IdempotencyState.DONE)
     _failpoint(ctx, "proxy.before_commit")
-    metadata = target.metadata
+    settlement = None
+    if ref is not None:
+        settlement = store.Settlement(ref, IdempotencyState.DONE, job.body.sha256(), passed)
     outcome = await store.record_proxied_create(
         ctx.api.db,
         store.ProxiedCreate(
-            key_hash=key_hash,
+            key_hash=job.key_hash,
             generation_id=answer.generation_id,
-            callback_url=target.callback_url,
-            metadata_json=orjson.dumps(metadata).decode() if metadata is not None else None,
+            callback_url=job.callback_url,
+            metadata_json=job.metadata_json,
             generation_status=answer.generation_status,
+            settlement=settlement,
         ),
     )
     committed = time.monotonic()
@@ -269,28 +189,105 @@ async def _create(ctx: ProxyContext, scope: Scope, receive: Receive) -> Response
         ctx.api.on_polls_queued()
     if outcome.deliveries_queued:
         ctx.api.on_deliveries_queued()
-    extra = {
-        # The commit is the window in which a crash loses the subscription (README).
-        "server-timing": (
-            f"upstream;dur={(answered - started) * 1000:.1f}, "
-            f"commit;dur={(committed - answered) * 1000:.1f}"
+    if ref is not None and not outcome.settled:
+        logger.warning(
+            "Idempotency-Key of key %s was lost before its answer was stored", ref.key_id
         )
-    }
     if outcome.subscription is None:
         logger.warning(
             "key %s was revoked while its create went through; generation %s is not subscribed",
-            key_id,
+            job.key_id,
             answer.generation_id,
         )
     else:
-        extra["relay-subscription-id"] = outcome.subscription["id"]
-    return _passed_through(answer, extra)
+        passed = replace(passed, subscription_id=outcome.subscription["id"])
+    # The commit is the window in which a crash loses the subscription (README).
+    timing = (
+        f"upstream;dur={(answered - started) * 1000:.1f}, "
+        f"commit;dur={(committed - answered) * 1000:.1f}"
+    )
+    return Forwarded(passed, IdempotencyState.DONE, True, {"server-timing": timing})
+
+
+# --- Idempotency-Key ------------------------------------------------------------------------
+
+
+def _mismatch(what: str) -> ApiError:
+    return ApiError(
+        422,
+        "idempotency_mismatch",
+        f"this Idempotency-Key was first used for another request (its {what} differs); "
+        "use a new key for a new request",
+    )
+
+
+async def _duplicate(
+    ctx: ProxyContext, job: CreateJob, ref: store.IdempotencyRef, found: store.IdempotencyRecord
+) -> Response:
+    """A request whose key another holds: wait for it, then replay its answer."""
+    what = differs(found.fingerprint, job.fingerprint)
+    if what is not None:
+        raise _mismatch(what)
+    body_sha256 = await job.body.read_through()
+    ruling = rule(await ctx.gate.wait(ref, found), job.fingerprint, body_sha256)
+    if ruling.verdict == Verdict.REPLAY:
+        assert ruling.answer is not None
+        return _response(ruling.answer, {"idempotent-replayed": "true"})
+    if ruling.verdict == Verdict.MISMATCH:
+        raise _mismatch(ruling.differs or "request")
+    if ruling.verdict == Verdict.OUTCOME_UNKNOWN:
+        logger.error(
+            "Idempotency-Key of key %s: the request holding it ended without recording an "
+            "answer (its process died, or lost the database); its create may have reached "
+            "the upstream, so the relay will not create again under this key",
+            job.key_id,
+        )
+        raise ApiError(
+            409,
+            "idempotency_outcome_unknown",
+            "the first request with this Idempotency-Key was interrupted before its answer "
+            "was recorded: the generation may have been created upstream, without a "
+            "subscription; the relay will not create it again under this key (use a new key "
+            "to create another)",
+        )
+    raise ApiError(
+        409,
+        "idempotency_in_progress",
+        "another request with this Idempotency-Key is in progress, or ended without creating "
+        "anything; retry after Retry-After",
+        headers={"retry-after": "1"},
+    )
+
+
+# --- The route ------------------------------------------------------------------------------
+
+
+async def _create(ctx: ProxyContext, scope: Scope, receive: Receive) -> Response | None:
+    job = await checked_request(ctx.api, scope, receive)
+    if job.idempotency_key is None:
+        forwarded = await _forward(ctx, job, None)
+    else:
+        ref = ctx.gate.ref(job.key_id, job.idempotency_key)
+        found = await ctx.gate.claim(ref, job.fingerprint)
+        if found is not None:
+            return await _duplicate(ctx, job, ref, found)
+        async with ctx.gate.holding(ref):
+            # Not settled on an exception (the database failed at the commit): the key
+            # stays in progress, its lease runs out, and retries learn the outcome is unknown.
+            forwarded = await _forward(ctx, job, ref)
+            if not forwarded.committed:
+                settlement = store.Settlement(
+                    ref, forwarded.state, job.body.sha256(), forwarded.answer
+                )
+                await store.settle_idempotency_key(ctx.api.db, settlement)
+    if forwarded.answer is None:
+        return None
+    return _response(forwarded.answer, forwarded.extra)
 
 
 class CreateThroughRelay:
-    """POST /v1/generation/{provider}/{model...} as a bare ASGI app: the body is read as a
-    stream (Starlette's Request would offer that too, but the route needs `receive` to tell
-    a client that left from one that finished)."""
+    """POST /v1/generation/{provider}/{model...} as a bare ASGI app: the body streams from
+    `receive` to the upstream, and a client that left is told apart from one that finished."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: ProxyContext = scope["state"]["proxy"]
@@ -309,10 +306,18 @@ CREATE = Operation(
         200: Answer(
             "the upstream accepted: its answer, verbatim (status and body); the generation "
             "is subscribed to",
-            headers={"Relay-Subscription-Id": "the subscription made for the generation"},
+            headers={
+                "Relay-Subscription-Id": "the subscription made for the generation",
+                "Idempotent-Replayed": "`true` on the first answer sent again for a retry",
+            },
         )
     },
-    errors=(401, 404, 413, 422, 429, 502, 504),
+    errors=(401, 404, 409, 413, 422, 429, 502, 504),
+    error_notes={
+        409: "idempotency_in_progress (retry after Retry-After) or idempotency_outcome_unknown "
+        "(the first request with the key was interrupted: never created again under it)",
+        422: "validation_error (`details` names the header), or idempotency_mismatch",
+    },
     passthrough=Answer("the upstream refused: its answer, verbatim; no subscription is made"),
 )
 

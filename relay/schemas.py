@@ -143,6 +143,11 @@ CallbackUrl = Annotated[
 ]
 # A BeforeValidator wraps what stands left of it: written last, the text check runs first and
 # the range stays in the schema as minimum and maximum.
+IdempotencyKey = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS),
+    Matches(IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE),
+]
 ListLimit = Annotated[
     int, Field(ge=LIST_LIMIT_MIN, le=LIST_LIMIT_MAX), BeforeValidator(_list_limit)
 ]
@@ -245,14 +250,7 @@ class ProxyHeaders(BaseModel):
         description="A JSON object, with the rules of a subscription's `metadata`.",
         examples=['{"order": 42}'],
     )
-    idempotency_key: (
-        Annotated[
-            str,
-            StringConstraints(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS),
-            Matches(IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE),
-        ]
-        | None
-    ) = Field(
+    idempotency_key: IdempotencyKey | None = Field(
         default=None,
         alias="Idempotency-Key",
         description=(
@@ -319,6 +317,9 @@ ErrorCode = Literal[
     "upstream_unavailable",
     "upstream_timeout",
     "upstream_invalid_answer",
+    "idempotency_mismatch",
+    "idempotency_in_progress",
+    "idempotency_outcome_unknown",
 ]
 
 

@@ -106,7 +106,8 @@ def empty_pg_tables(url: str) -> None:
         conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
         try:
             await conn.execute(
-                "TRUNCATE delivery_attempts, deliveries, subscriptions, generations, api_keys"
+                "TRUNCATE delivery_attempts, deliveries, subscriptions, generations,"
+                " idempotency_keys, api_keys"
             )
         finally:
             await conn.close()

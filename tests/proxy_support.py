@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from relay.app import Role, create_app
 from relay.simulator import FakeUpstream, FakeUpstreamConfig
@@ -112,3 +113,20 @@ async def rig(
                 )
                 assert reset.status_code == 200, reset.text
             yield Rig(db_url, relay, upstream, key)
+
+
+def proxy_fixtures() -> tuple[Any, Any]:
+    """Fixtures `upstream` (one simulator for the module: its state and URL) and `proxy` (a
+    Rig per test, on the `db_url` database); assign them to those names in the test module."""
+
+    @pytest.fixture(scope="module", name="upstream")
+    def upstream_fixture() -> Iterator[tuple[FakeUpstream, str]]:
+        with simulator() as served:
+            yield served
+
+    @pytest.fixture(name="proxy")
+    async def proxy_fixture(db_url: str, upstream: tuple[FakeUpstream, str]) -> AsyncIterator[Rig]:
+        async with rig(db_url, upstream[1]) as served:
+            yield served
+
+    return upstream_fixture, proxy_fixture

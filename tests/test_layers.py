@@ -29,7 +29,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.health relay.hints relay.draining relay.poller relay.deliverer",
         "relay.worker",
         "relay.http relay.auth",
-        "relay.api relay.proxy relay.probes relay.openapi",
+        "relay.api relay.probes relay.openapi",
+        "relay.idempotency relay.proxy_request relay.proxy",
         "relay.app",
         "relay.cli",
     )
@@ -37,7 +38,16 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
 # The API's side and the worker's side are siblings: the API only queues work through the store
 # (and kicks a drain through callbacks app.py wires), it never imports what does the work.
 API_SIDE = frozenset(
-    ["relay.http", "relay.auth", "relay.api", "relay.proxy", "relay.probes", "relay.openapi"]
+    [
+        "relay.http",
+        "relay.auth",
+        "relay.api",
+        "relay.idempotency",
+        "relay.proxy_request",
+        "relay.proxy",
+        "relay.probes",
+        "relay.openapi",
+    ]
 )
 WORKER_SIDE = frozenset(
     [

@@ -28,7 +28,14 @@ from relay import migrate
 from relay.models import metadata
 from tests.helpers import drop_pg_database, pg_url_for_new_database, sync_count
 
-RELAY_TABLES = {"api_keys", "generations", "subscriptions", "deliveries", "delivery_attempts"}
+RELAY_TABLES = {
+    "api_keys",
+    "generations",
+    "subscriptions",
+    "deliveries",
+    "delivery_attempts",
+    "idempotency_keys",
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -332,7 +332,8 @@ def test_the_create_through_the_relay_is_documented(served: Served) -> None:
     assert parameters[("header", "Idempotency-Key")]["schema"]["maxLength"] == 255
     assert set(operation["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     assert "Relay-Subscription-Id" in operation["responses"]["200"]["headers"]
-    assert {"401", "413", "422", "502", "504", "default"} <= set(operation["responses"])
+    assert {"401", "409", "413", "422", "502", "504", "default"} <= set(operation["responses"])
+    assert "idempotency_outcome_unknown" in operation["responses"]["409"]["description"]
 
 
 MODEL_SAMPLES = ["dev", "o3/video", "v2.1:fast", "..", "a/..", "a//b", "a/", "a b", "m" * 257]

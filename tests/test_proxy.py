@@ -8,7 +8,7 @@ loop; the simulator logs every create it gets with its size, sha256 and header n
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -22,19 +22,9 @@ from relay.schemas import Subscription
 from relay.simulator import FakeUpstream
 from tests.apiclient import OTHER_PUBLIC_HOOK, PUBLIC_HOOK, expect_error, expect_subscription
 from tests.helpers import free_port, new_key, serve_receiver, wait_for
-from tests.proxy_support import MODEL_PATH, Rig, rig, simulator
+from tests.proxy_support import MODEL_PATH, Rig, proxy_fixtures, rig
 
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[tuple[FakeUpstream, str]]:
-    with simulator() as served:
-        yield served
-
-
-@pytest.fixture
-async def proxy(db_url: str, upstream: tuple[FakeUpstream, str]) -> AsyncIterator[Rig]:
-    async with rig(db_url, upstream[1]) as served:
-        yield served
+upstream, proxy = proxy_fixtures()
 
 
 async def test_a_json_create_is_passed_through_and_subscribed(proxy: Rig) -> None:
@@ -129,6 +119,9 @@ async def test_a_multipart_upload_is_streamed_byte_exact(proxy: Rig) -> None:
         ({"relay-metadata": "[1, 2]"}, "Relay-Metadata"),
         ({"relay-metadata": "{not json"}, "Relay-Metadata"),
         ({"relay-metadata": orjson.dumps({"x": "y" * 5000}).decode()}, "Relay-Metadata"),
+        ({"idempotency-key": "k" * 256}, "Idempotency-Key"),
+        ({"idempotency-key": "tab\tkey"}, "Idempotency-Key"),
+        ({"idempotency-key": ""}, "Idempotency-Key"),
     ],
 )
 async def test_bad_relay_headers_are_refused_before_anything_is_forwarded(

@@ -15,7 +15,8 @@ race is retried whole (`_sql.retrying`). A subscription cannot be left active on
 that stopped polling: create and cancel both lock the generation row first.
 
 One module per table family: keys.py (API keys); creates.py and subscriptions.py (the API's
-side of subscriptions); proxied.py (the commit after a create through the relay); generations.py (polls); deliveries.py and attempts.py (the outbox and
+side of subscriptions); proxied.py (the commit after a create through the relay) and
+idempotency.py (its Idempotency-Keys); generations.py (polls); deliveries.py and attempts.py (the outbox and
 what each attempt writes); housekeeping.py (pruning); seeding.py (bulk states for benchmarks
 and tests, not re-exported here). Callers use the names below as `store.<name>`. The store
 imports no HTTP code.
@@ -47,6 +48,18 @@ from relay.store.generations import (
     renew_generation_leases,
 )
 from relay.store.housekeeping import prune
+from relay.store.idempotency import (
+    IdempotencyRecord,
+    IdempotencyRef,
+    RequestFingerprint,
+    Settlement,
+    StoredAnswer,
+    claim_idempotency_key,
+    prune_idempotency_keys,
+    read_idempotency_key,
+    renew_idempotency_key,
+    settle_idempotency_key,
+)
 from relay.store.keys import NewKey, authenticate, create_key, hash_api_key, list_keys, revoke_key
 from relay.store.proxied import ProxiedCreate, ProxiedOutcome, record_proxied_create
 from relay.store.subscriptions import (
@@ -66,15 +79,21 @@ __all__ = [
     "CreateRequest",
     "CreateResult",
     "HostDeferral",
+    "IdempotencyRecord",
+    "IdempotencyRef",
     "NewKey",
     "PollRecord",
     "ProxiedCreate",
     "ProxiedOutcome",
     "RedeliverConflict",
+    "RequestFingerprint",
+    "Settlement",
+    "StoredAnswer",
     "authenticate",
     "cancel_subscription",
     "claim_due_deliveries",
     "claim_due_generations",
+    "claim_idempotency_key",
     "create_key",
     "create_subscriptions",
     "defer_hosts",
@@ -84,6 +103,8 @@ __all__ = [
     "list_keys",
     "list_subscriptions",
     "prune",
+    "prune_idempotency_keys",
+    "read_idempotency_key",
     "record_attempts",
     "record_polls",
     "record_proxied_create",
@@ -91,6 +112,8 @@ __all__ = [
     "release_deliveries",
     "renew_delivery_leases",
     "renew_generation_leases",
+    "renew_idempotency_key",
     "revoke_key",
+    "settle_idempotency_key",
     "storable",
 ]

@@ -1,15 +1,17 @@
 """Recording a generation created through the relay: its subscription, in one transaction.
 
 Owns the commit that follows the upstream's answer to a create: the subscription is made
-through the create path of creates.py (the same rules, the same generation row), and the
-generation is marked as the creating key's own, with the status the create's answer showed. It never calls the upstream
+through the create path of creates.py (the same rules, the same generation row), the
+generation is marked as the creating key's own, with the status the create's answer showed,
+and the request's Idempotency-Key, if any, is settled with the answer, all at once: a retry
+either finds the answer and the subscription, or neither. It never calls the upstream
 and never decides what to answer (proxy.py does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import case, func, literal, update
@@ -19,6 +21,7 @@ from relay.database import Database
 from relay.models import generations
 from relay.store._sql import retrying
 from relay.store.creates import CreateRequest, _create_subscriptions
+from relay.store.idempotency import Settlement, settle_idempotency_key_in
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class ProxiedCreate:
     metadata_json: str | None
     # The status the create's answer showed (normalised), if any.
     generation_status: str | None
+    # The Idempotency-Key to settle as done with the answer (its subscription id filled in).
+    settlement: Settlement | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class ProxiedOutcome:
     subscription: Mapping[Any, Any] | None
     polls_queued: bool
     deliveries_queued: bool
+    settled: bool = False  # the Idempotency-Key was still held and now holds the answer
 
 
 async def record_proxied_create(db: Database, create: ProxiedCreate) -> ProxiedOutcome:
@@ -74,4 +80,12 @@ async def _record(conn: AsyncConnection, db: Database, create: ProxiedCreate) ->
                 else_=gen.status_changed_at,
             )
         await conn.execute(update(generations).where(gen.id == create.generation_id).values(values))
-    return ProxiedOutcome(result.subscription, outcome.polls_queued, outcome.deliveries_queued)
+    settled = False
+    if create.settlement is not None and create.settlement.answer is not None:
+        sub_id = None if result.subscription is None else result.subscription["id"]
+        answer = replace(create.settlement.answer, subscription_id=sub_id)
+        settlement = replace(create.settlement, answer=answer)
+        settled = await settle_idempotency_key_in(conn, now, settlement)
+    return ProxiedOutcome(
+        result.subscription, outcome.polls_queued, outcome.deliveries_queued, settled
+    )
