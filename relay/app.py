@@ -30,6 +30,7 @@ from relay.openapi import with_openapi
 from relay.poller import Poller
 from relay.proxy import ProxyContext
 from relay.sender import AiohttpSender, CallbackSender
+from relay.streams import StreamFollower
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
 
@@ -97,11 +98,19 @@ def create_app(
         )
         gate = IdempotencyGate(db, owner, settings.lease_s)
         proxy_context = ProxyContext(api=context, creator=creator, gate=gate)
+        follower: StreamFollower | None = None
+        if settings.upstream_sse and role != "worker":
+            # Named apart from this node's poller, whose leases are another matter.
+            follower = StreamFollower(db, f"{owner}/sse", settings.lease_s, context.on_polls_queued)
+            proxy_context.follow = follower.follow
+            proxy_context.stream_owner = follower.owner
         logger.info("relay started: role=%s node=%s", role, owner)
         try:
             yield {"api": context, "proxy": proxy_context}
         finally:
             await context.creates.drain()
+            if follower is not None:
+                await follower.close()
             await creator.aclose()
             if worker is not None:
                 await worker.stop()

@@ -1,5 +1,6 @@
 """Creating generations at the upstream: one POST of a client's body, streamed through, and
-the upstream's answer read and classified.
+the upstream's answer read and classified; or, with `sse=True`, the streaming create, whose
+first event is the answer and whose open stream is handed on to be followed.
 
 Owns the create's network side, apart from polls (upstream.py): its own aiohttp session
 (no connection limit, since a followed stream holds its connection), the relay's bearer key
@@ -21,15 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from relay import __version__
+from relay.eventstream import EventStream
+from relay.upstream import FINAL_STATUSES, normalize_status
 from relay.upstream import _read_limited as read_limited
-from relay.upstream import normalize_status
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class CreateAnswer:
     # From a 2xx JSON object: its string `id` and its status (normalised), else None.
     generation_id: str | None
     generation_status: str | None
+    # The streaming create's stream, still open, when its first event was a generation
+    # that is not final yet: whoever takes the answer must follow or close it.
+    stream: EventStream | None = None
 
     @property
     def accepted(self) -> bool:
@@ -139,14 +145,16 @@ class UpstreamCreator:
         *,
         content_type: str | None,
         content_length: int | None,
+        sse: bool = False,
     ) -> CreateAnswer:
-        """POST `body` to `{base}/v1/generation/{model_path}` and read the answer.
+        """POST `body` to `{base}/v1/generation/{model_path}` (`.../sse/{model_path}` with
+        `sse`) and read the answer: the body, or the stream's first event.
 
         `model_path` is `provider/model...`, already checked to be safe in a URL path.
         Raises CreateFailed, or what `body` raised.
         """
-        url = f"{self._base}/v1/generation/{model_path}"
-        headers = {"accept": "application/json"}
+        url = f"{self._base}/v1/generation/{'sse/' if sse else ''}{model_path}"
+        headers = {"accept": "text/event-stream" if sse else "application/json"}
         skip = ["Content-Type"]
         if content_type is not None:
             headers["content-type"] = content_type
@@ -168,21 +176,51 @@ class UpstreamCreator:
                     upload.sent = True
                     deadline.reschedule(loop.time() + self._timeout_s)
 
-                async with self._get_session().post(
+                response = await self._get_session().post(
                     url,
                     data=chunks(),
                     headers=headers,
                     skip_auto_headers=skip,
                     allow_redirects=False,
-                ) as response:
-                    # An answer before the body was all sent (an early refusal): the
-                    # deadline starts now.
-                    if not upload.sent:
-                        deadline.reschedule(loop.time() + self._timeout_s)
-                    content = await read_limited(response, ANSWER_MAX_BYTES)
-                    return _answer(response, content)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                )
+                # An answer before the body was all sent (an early refusal): the deadline
+                # starts now.
+                if not upload.sent:
+                    deadline.reschedule(loop.time() + self._timeout_s)
+                if not (sse and response.ok and _is_event_stream(response)):
+                    try:
+                        return _answer(response, await read_limited(response, ANSWER_MAX_BYTES))
+                    finally:
+                        response.release()
+                answer = await _first_event(EventStream(response), response.status)
+        except (TimeoutError, aiohttp.ClientError, OSError, HttpProcessingError) as exc:
             raise _failure(exc, upload) from None
+        return answer
+
+
+def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.headers.get("content-type", "").lower().startswith("text/event-stream")
+
+
+async def _first_event(stream: EventStream, status: int) -> CreateAnswer:
+    """The streaming create's answer: its first event's object, as JSON. The stream stays
+    open in the answer only while there is something to follow."""
+    handed = False
+    try:
+        data = await stream.next_event()
+        if data is None:
+            raise CreateFailed(
+                "invalid", "the upstream's stream ended before its first event", sent=True
+            )
+        gen_id, gen_status = created_generation(status, data)
+        answer = CreateAnswer(status, "application/json", None, data, gen_id, gen_status)
+        if gen_id is None or gen_status in FINAL_STATUSES:
+            return answer
+        handed = True
+        return replace(answer, stream=stream)
+    finally:
+        if not handed:
+            stream.close()
 
 
 def _failure(exc: BaseException, upload: _Upload) -> Exception:
@@ -199,6 +237,8 @@ def _failure(exc: BaseException, upload: _Upload) -> Exception:
         )
     if isinstance(exc, TimeoutError):
         return CreateFailed("timeout", "the upstream did not answer in time", sent=upload.sent)
+    if isinstance(exc, HttpProcessingError):  # a stream's line over EVENT_MAX_BYTES
+        return CreateFailed("invalid", "the upstream's stream sent a line too long", sent=True)
     return CreateFailed(
         "unreachable",
         f"the connection to the upstream failed: {type(exc).__name__}",

@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from starlette.responses import Response
@@ -35,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 from relay import store
 from relay.api import ApiContext
 from relay.creator import CreateAnswer, CreateFailed, UpstreamCreator
+from relay.eventstream import EventStream
 from relay.http import Answer, ApiError, Endpoint, Operation, error_response, route
 from relay.idempotency import IdempotencyGate, Verdict, differs, rule
 from relay.models import IdempotencyState
@@ -46,11 +47,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ProxyContext:
-    """What the create route needs, built in the app's lifespan."""
+    """What the create route needs, built in the app's lifespan. With RELAY_UPSTREAM_SSE,
+    `follow` takes the open streams (streams.py, wired by app.py: this side never imports
+    the worker's) and `stream_owner` names their follower on the generations' leases."""
 
     api: ApiContext
     creator: UpstreamCreator
     gate: IdempotencyGate
+    follow: Callable[[str, EventStream], None] | None = None
+    stream_owner: str | None = None
 
 
 @dataclass
@@ -144,6 +149,7 @@ async def _forward(
             job.body.chunks(),
             content_type=job.content_type,
             content_length=job.declared_length,
+            sse=ctx.follow is not None,
         )
     except ClientGone:
         logger.info("create through the relay abandoned: the client left mid-body")
@@ -156,6 +162,25 @@ async def _forward(
         state = IdempotencyState.DONE if exc.sent else IdempotencyState.RELEASED
         return Forwarded(_stored(_upstream_error(exc)), state)
     answered = time.monotonic()
+    try:
+        return await _accepted(ctx, job, ref, answer, started, answered)
+    except BaseException:
+        # Only the last step of _accepted hands the stream on: nothing raises after it.
+        if answer.stream is not None:
+            answer.stream.close()
+        raise
+
+
+async def _accepted(
+    ctx: ProxyContext,
+    job: CreateJob,
+    ref: store.IdempotencyRef | None,
+    answer: CreateAnswer,
+    started: float,
+    answered: float,
+) -> Forwarded:
+    """The upstream answered: pass a refusal on, or commit the subscription of what it made
+    (and hand its stream on to be followed)."""
     passed = _passed_through(answer)
     if not answer.accepted:
         return Forwarded(passed, _after_refusal(answer.status))
@@ -181,6 +206,8 @@ async def _forward(
             metadata_json=job.metadata_json,
             generation_status=answer.generation_status,
             settlement=settlement,
+            stream_owner=ctx.stream_owner if answer.stream is not None else None,
+            stream_lease_s=ctx.api.settings.lease_s,
         ),
     )
     committed = time.monotonic()
@@ -206,6 +233,11 @@ async def _forward(
         f"upstream;dur={(answered - started) * 1000:.1f}, "
         f"commit;dur={(committed - answered) * 1000:.1f}"
     )
+    if answer.stream is not None:
+        if outcome.subscription is not None and ctx.follow is not None:
+            ctx.follow(answer.generation_id, answer.stream)
+        else:
+            answer.stream.close()
     return Forwarded(passed, IdempotencyState.DONE, True, {"server-timing": timing})
 
 

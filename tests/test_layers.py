@@ -25,8 +25,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.models relay.database relay.migrate",
         "relay.schemas",
         "relay.store",
-        "relay.upstream relay.creator relay.resolver relay.sender",
-        "relay.health relay.hints relay.draining relay.poller relay.deliverer",
+        "relay.upstream relay.eventstream relay.creator relay.resolver relay.sender",
+        "relay.health relay.hints relay.draining relay.poller relay.deliverer relay.streams",
         "relay.worker",
         "relay.http relay.auth",
         "relay.api relay.probes relay.openapi",
@@ -57,6 +57,7 @@ WORKER_SIDE = frozenset(
         "relay.sender",
         "relay.hostslots",
         "relay.worker",
+        "relay.streams",
     ]
 )
 HTTP_LIBRARIES = frozenset({"aiohttp", "starlette", "httpx", "uvicorn", "yarl"})

@@ -16,7 +16,8 @@ that stopped polling: create and cancel both lock the generation row first.
 
 One module per table family: keys.py (API keys); creates.py and subscriptions.py (the API's
 side of subscriptions); proxied.py (the commit after a create through the relay) and
-idempotency.py (its Idempotency-Keys); generations.py (polls); deliveries.py and attempts.py (the outbox and
+idempotency.py (its Idempotency-Keys); streams.py (generations followed through the
+upstream's event stream instead of polled); generations.py (polls); deliveries.py and attempts.py (the outbox and
 what each attempt writes); housekeeping.py (pruning); seeding.py (bulk states for benchmarks
 and tests, not re-exported here). Callers use the names below as `store.<name>`. The store
 imports no HTTP code.
@@ -62,6 +63,7 @@ from relay.store.idempotency import (
 )
 from relay.store.keys import NewKey, authenticate, create_key, hash_api_key, list_keys, revoke_key
 from relay.store.proxied import ProxiedCreate, ProxiedOutcome, record_proxied_create
+from relay.store.streams import end_streams, renew_stream_leases
 from relay.store.subscriptions import (
     RedeliverConflict,
     cancel_subscription,
@@ -97,6 +99,7 @@ __all__ = [
     "create_key",
     "create_subscriptions",
     "defer_hosts",
+    "end_streams",
     "get_subscription",
     "hash_api_key",
     "list_attempts",
@@ -113,6 +116,7 @@ __all__ = [
     "renew_delivery_leases",
     "renew_generation_leases",
     "renew_idempotency_key",
+    "renew_stream_leases",
     "revoke_key",
     "settle_idempotency_key",
     "storable",

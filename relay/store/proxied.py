@@ -3,8 +3,9 @@
 Owns the commit that follows the upstream's answer to a create: the subscription is made
 through the create path of creates.py (the same rules, the same generation row), the
 generation is marked as the creating key's own, with the status the create's answer showed,
-and the request's Idempotency-Key, if any, is settled with the answer, all at once: a retry
-either finds the answer and the subscription, or neither. It never calls the upstream
+its polls are handed to the stream that follows it (if one does: streams.py), and the
+request's Idempotency-Key, if any, is settled with the answer, all at once: a retry either
+finds the answer and the subscription, or neither. It never calls the upstream
 and never decides what to answer (proxy.py does).
 """
 
@@ -22,6 +23,7 @@ from relay.models import generations
 from relay.store._sql import retrying
 from relay.store.creates import CreateRequest, _create_subscriptions
 from relay.store.idempotency import Settlement, settle_idempotency_key_in
+from relay.store.streams import lease_to_stream
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class ProxiedCreate:
     generation_status: str | None
     # The Idempotency-Key to settle as done with the answer (its subscription id filled in).
     settlement: Settlement | None = None
+    # Set when this process follows the generation's event stream: no polls meanwhile.
+    stream_owner: str | None = None
+    stream_lease_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,15 @@ async def _record(conn: AsyncConnection, db: Database, create: ProxiedCreate) ->
                 else_=gen.status_changed_at,
             )
         await conn.execute(update(generations).where(gen.id == create.generation_id).values(values))
+        if create.stream_owner is not None:
+            await lease_to_stream(
+                conn, now, create.generation_id, create.stream_owner, create.stream_lease_s
+            )
     settled = False
     if create.settlement is not None and create.settlement.answer is not None:
         sub_id = None if result.subscription is None else result.subscription["id"]
         answer = replace(create.settlement.answer, subscription_id=sub_id)
         settlement = replace(create.settlement, answer=answer)
         settled = await settle_idempotency_key_in(conn, now, settlement)
-    return ProxiedOutcome(
-        result.subscription, outcome.polls_queued, outcome.deliveries_queued, settled
-    )
+    polls_queued = outcome.polls_queued and create.stream_owner is None
+    return ProxiedOutcome(result.subscription, polls_queued, outcome.deliveries_queued, settled)
