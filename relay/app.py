@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute
 from relay import api, probes, proxy
 from relay.api import ApiContext
 from relay.config import Settings
-from relay.creator import UpstreamCreator
+from relay.creator import Creator, UpstreamCreator
 from relay.database import open_database
 from relay.deliverer import Deliverer
 from relay.health import UpstreamHealth
@@ -30,6 +30,7 @@ from relay.openapi import with_openapi
 from relay.poller import Poller
 from relay.proxy import ProxyContext
 from relay.sender import AiohttpSender, CallbackSender
+from relay.ssecreate import SseCreator
 from relay.streams import StreamFollower
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
@@ -91,7 +92,7 @@ def create_app(
         if worker is not None:
             context.on_polls_queued = worker.kick_poller
             context.on_deliveries_queued = worker.kick_deliverer
-        creator = UpstreamCreator(
+        creator: Creator = (SseCreator if settings.upstream_sse else UpstreamCreator)(
             settings.upstream_url,
             settings.upstream_api_key,
             timeout_s=settings.upstream_timeout_s,

@@ -1,8 +1,9 @@
 """Creating generations at the upstream: one POST of a client's body, streamed through, and
-the upstream's answer read and classified; or, with `sse=True`, the streaming create, whose
-first event is the answer and whose open stream is handed on to be followed.
+the upstream's answer read and classified. The streaming create (RELAY_UPSTREAM_SSE) is
+ssecreate.py's, with the same interface (`Creator`) and the same answers and failures, which
+are defined here.
 
-Owns the create's network side, apart from polls (upstream.py): its own aiohttp session
+Owns the plain create's network side, apart from polls (upstream.py): its own aiohttp session
 (no connection limit, since a followed stream holds its connection), the relay's bearer key
 in place of the client's, and only the headers the upstream needs (content type and length,
 accept, user agent). The body is an async iterator of the client's chunks handed to aiohttp
@@ -22,17 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import aiohttp
 import orjson
-from aiohttp.http_exceptions import HttpProcessingError
 
 from relay import __version__
-from relay.eventstream import EventStream
-from relay.upstream import FINAL_STATUSES, normalize_status
 from relay.upstream import _read_limited as read_limited
+from relay.upstream import normalize_status
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +52,25 @@ class CreateFailed(Exception):
         self.sent = sent
 
 
+class StreamListener(Protocol):
+    """Who follows an open stream: told each event's data, and its end (`error` None when the
+    upstream ended it)."""
+
+    def event(self, key: str, data: bytes) -> None: ...
+
+    def ended(self, key: str, error: BaseException | None) -> None: ...
+
+
+class OpenStream(Protocol):
+    """A streaming create's stream, still open after its first event."""
+
+    def listen(self, listener: StreamListener, key: str) -> None:
+        """Deliver every event to `listener` under `key` (those already come, at once)."""
+
+    def close(self) -> None:
+        """Drop the connection; the listener, if any, is not told."""
+
+
 @dataclass(frozen=True)
 class CreateAnswer:
     """The upstream's answer to a create: passed to the client verbatim."""
@@ -66,7 +84,7 @@ class CreateAnswer:
     generation_status: str | None
     # The streaming create's stream, still open, when its first event was a generation
     # that is not final yet: whoever takes the answer must follow or close it.
-    stream: EventStream | None = None
+    stream: OpenStream | None = None
 
     @property
     def accepted(self) -> bool:
@@ -92,11 +110,38 @@ def created_generation(status: int, body: bytes) -> tuple[str | None, str | None
 
 
 @dataclass
-class _Upload:
+class _Progress:
     """Where an upload got to: whether the body went out whole, and what stopped it."""
 
     sent: bool = False
     body_error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A create to send: `model_path` is `provider/model...`, already checked to be safe in
+    a URL path; `body` the client's chunks as they arrive (raising what stops them)."""
+
+    model_path: str
+    body: AsyncIterator[bytes]
+    content_type: str | None
+    content_length: int | None
+
+
+class Creator(Protocol):
+    """What creates at the upstream: UpstreamCreator, or ssecreate.SseCreator."""
+
+    async def create(self, upload: Upload) -> CreateAnswer: ...
+
+    async def aclose(self) -> None: ...
+
+
+def upstream_headers(api_key: str | None) -> dict[str, str]:
+    """The headers every create carries: the relay's user agent and upstream key."""
+    headers = {"user-agent": f"relay/{__version__}"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
 
 
 class UpstreamCreator:
@@ -110,9 +155,7 @@ class UpstreamCreator:
         timeout_s: float,
         connector: aiohttp.BaseConnector | None = None,
     ) -> None:
-        self._headers = {"user-agent": f"relay/{__version__}"}
-        if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
+        self._headers = upstream_headers(api_key)
         self._base = base_url.rstrip("/")
         self._timeout_s = timeout_s
         self._connector = connector
@@ -138,30 +181,19 @@ class UpstreamCreator:
         if self._session is not None:
             await self._session.close()
 
-    async def create(
-        self,
-        model_path: str,
-        body: AsyncIterator[bytes],
-        *,
-        content_type: str | None,
-        content_length: int | None,
-        sse: bool = False,
-    ) -> CreateAnswer:
-        """POST `body` to `{base}/v1/generation/{model_path}` (`.../sse/{model_path}` with
-        `sse`) and read the answer: the body, or the stream's first event.
-
-        `model_path` is `provider/model...`, already checked to be safe in a URL path.
-        Raises CreateFailed, or what `body` raised.
-        """
-        url = f"{self._base}/v1/generation/{'sse/' if sse else ''}{model_path}"
-        headers = {"accept": "text/event-stream" if sse else "application/json"}
+    async def create(self, upload: Upload) -> CreateAnswer:
+        """POST the upload to `{base}/v1/generation/{model_path}` and read the answer.
+        Raises CreateFailed, or what the body raised."""
+        url = f"{self._base}/v1/generation/{upload.model_path}"
+        body, content_type, content_length = upload.body, upload.content_type, upload.content_length
+        headers = {"accept": "application/json"}
         skip = ["Content-Type"]
         if content_type is not None:
             headers["content-type"] = content_type
             skip = []
         if content_length is not None:
             headers["content-length"] = str(content_length)
-        upload = _Upload()
+        progress = _Progress()
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(None) as deadline:
@@ -171,9 +203,9 @@ class UpstreamCreator:
                         async for chunk in body:
                             yield chunk
                     except Exception as exc:
-                        upload.body_error = exc
+                        progress.body_error = exc
                         raise
-                    upload.sent = True
+                    progress.sent = True
                     deadline.reschedule(loop.time() + self._timeout_s)
 
                 response = await self._get_session().post(
@@ -185,49 +217,21 @@ class UpstreamCreator:
                 )
                 # An answer before the body was all sent (an early refusal): the deadline
                 # starts now.
-                if not upload.sent:
+                if not progress.sent:
                     deadline.reschedule(loop.time() + self._timeout_s)
-                if not (sse and response.ok and _is_event_stream(response)):
-                    try:
-                        return _answer(response, await read_limited(response, ANSWER_MAX_BYTES))
-                    finally:
-                        response.release()
-                answer = await _first_event(EventStream(response), response.status)
-        except (TimeoutError, aiohttp.ClientError, OSError, HttpProcessingError) as exc:
-            raise _failure(exc, upload) from None
-        return answer
+                try:
+                    return _answer(response, await read_limited(response, ANSWER_MAX_BYTES))
+                finally:
+                    response.release()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _failure(exc, progress) from None
 
 
-def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
-    return response.headers.get("content-type", "").lower().startswith("text/event-stream")
-
-
-async def _first_event(stream: EventStream, status: int) -> CreateAnswer:
-    """The streaming create's answer: its first event's object, as JSON. The stream stays
-    open in the answer only while there is something to follow."""
-    handed = False
-    try:
-        data = await stream.next_event()
-        if data is None:
-            raise CreateFailed(
-                "invalid", "the upstream's stream ended before its first event", sent=True
-            )
-        gen_id, gen_status = created_generation(status, data)
-        answer = CreateAnswer(status, "application/json", None, data, gen_id, gen_status)
-        if gen_id is None or gen_status in FINAL_STATUSES:
-            return answer
-        handed = True
-        return replace(answer, stream=stream)
-    finally:
-        if not handed:
-            stream.close()
-
-
-def _failure(exc: BaseException, upload: _Upload) -> Exception:
+def _failure(exc: BaseException, progress: _Progress) -> Exception:
     """What to raise for an upload that ended in `exc`: the body's own error, if it was the
     cause, else a CreateFailed saying whether the request went out whole."""
-    if upload.body_error is not None:
-        return upload.body_error
+    if progress.body_error is not None:
+        return progress.body_error
     # aiohttp's connect timeouts are TimeoutErrors too: nothing was sent for those.
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return CreateFailed("timeout", "connecting to the upstream timed out", sent=False)
@@ -236,13 +240,11 @@ def _failure(exc: BaseException, upload: _Upload) -> Exception:
             "unreachable", f"cannot connect to the upstream: {exc.os_error}", sent=False
         )
     if isinstance(exc, TimeoutError):
-        return CreateFailed("timeout", "the upstream did not answer in time", sent=upload.sent)
-    if isinstance(exc, HttpProcessingError):  # a stream's line over EVENT_MAX_BYTES
-        return CreateFailed("invalid", "the upstream's stream sent a line too long", sent=True)
+        return CreateFailed("timeout", "the upstream did not answer in time", sent=progress.sent)
     return CreateFailed(
         "unreachable",
         f"the connection to the upstream failed: {type(exc).__name__}",
-        sent=upload.sent,
+        sent=progress.sent,
     )
 
 

@@ -34,8 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from relay import store
 from relay.api import ApiContext
-from relay.creator import CreateAnswer, CreateFailed, UpstreamCreator
-from relay.eventstream import EventStream
+from relay.creator import CreateAnswer, CreateFailed, Creator, OpenStream, Upload
 from relay.http import Answer, ApiError, Endpoint, Operation, error_response, route
 from relay.idempotency import IdempotencyGate, Verdict, differs, rule
 from relay.models import IdempotencyState
@@ -47,14 +46,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ProxyContext:
-    """What the create route needs, built in the app's lifespan. With RELAY_UPSTREAM_SSE,
-    `follow` takes the open streams (streams.py, wired by app.py: this side never imports
-    the worker's) and `stream_owner` names their follower on the generations' leases."""
+    """What the create route needs, built in the app's lifespan. With RELAY_UPSTREAM_SSE the
+    creator is the streaming one (ssecreate.py), `follow` takes the open streams (streams.py,
+    wired by app.py: this side never imports the worker's) and `stream_owner` names their
+    follower on the generations' leases."""
 
     api: ApiContext
-    creator: UpstreamCreator
+    creator: Creator
     gate: IdempotencyGate
-    follow: Callable[[str, EventStream], None] | None = None
+    follow: Callable[[str, OpenStream], None] | None = None
     stream_owner: str | None = None
 
 
@@ -144,13 +144,8 @@ async def _forward(
     """Create upstream and, when it accepted, commit the subscription (and settle `ref`)."""
     started = time.monotonic()
     try:
-        answer = await ctx.creator.create(
-            job.model_path,
-            job.body.chunks(),
-            content_type=job.content_type,
-            content_length=job.declared_length,
-            sse=ctx.follow is not None,
-        )
+        upload = Upload(job.model_path, job.body.chunks(), job.content_type, job.declared_length)
+        answer = await ctx.creator.create(upload)
     except ClientGone:
         logger.info("create through the relay abandoned: the client left mid-body")
         return Forwarded(None, IdempotencyState.RELEASED)

@@ -10,8 +10,9 @@ that ends early, fails, or stays silent for SILENCE_S no longer holds polls off:
 generation goes back to the normal schedule. If this process dies, the lease runs out and
 polling resumes by itself.
 
-A stream costs one task, its connection and a few small objects, so a process follows
-thousands. It must not write SQL (the store does) nor take a result from an event.
+A stream costs its connection and a few small objects (ssecreate.py), and no task of its
+own: it calls this follower back as events arrive, so a process follows thousands. It must
+not write SQL (the store does) nor take a result from an event.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import orjson
 
 from relay import store
 from relay.batching import Batcher
+from relay.creator import OpenStream
 from relay.database import Database
-from relay.eventstream import EventStream
 from relay.upstream import FINAL_STATUSES, normalize_status
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,13 @@ def is_final_event(data: bytes) -> bool:
 
 @dataclass(slots=True)
 class _Followed:
-    task: asyncio.Task[None]
+    stream: OpenStream
     last_event_at: float  # monotonic
 
 
 class StreamFollower:
-    """The streams this process follows; `owner` names it on the leases it holds."""
+    """The streams this process follows; `owner` names it on the leases it holds. Streams
+    call it back (`event`, `ended`: a StreamListener) as their data arrives."""
 
     def __init__(
         self,
@@ -70,40 +72,48 @@ class StreamFollower:
         self.on_polls_queued = on_polls_queued
         self._followed: dict[str, _Followed] = {}
         self._ended: Batcher[str, None] = Batcher(self._write_ended)
+        self._releasing: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._closing = False
 
     def __len__(self) -> int:
         return len(self._followed)
 
-    def follow(self, generation_id: str, stream: EventStream) -> None:
+    def follow(self, generation_id: str, stream: OpenStream) -> None:
         """Follow `stream` until its generation's final event (or its end)."""
         if self._closing or generation_id in self._followed:
             stream.close()
             return
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._follow(generation_id, stream))
-        self._followed[generation_id] = _Followed(task, time.monotonic())
+        self._followed[generation_id] = _Followed(stream, time.monotonic())
         if self._renewer is None:
-            self._renewer = loop.create_task(self._renew())
+            self._renewer = asyncio.get_running_loop().create_task(self._renew())
+        stream.listen(self, generation_id)
 
-    async def _follow(self, generation_id: str, stream: EventStream) -> None:
-        final = False
-        try:
-            while (data := await stream.next_event()) is not None:
-                self._followed[generation_id].last_event_at = time.monotonic()
-                if is_final_event(data):
-                    final = True
-                    break
-        except asyncio.CancelledError:
-            raise  # close() ends every stream at once
-        except Exception as exc:
-            logger.info("stream of generation %s lost: %s", generation_id, type(exc).__name__)
-        finally:
-            stream.close()
-        self._followed.pop(generation_id, None)
+    def event(self, key: str, data: bytes) -> None:
+        followed = self._followed.get(key)
+        if followed is None:
+            return
+        followed.last_event_at = time.monotonic()
+        if is_final_event(data):
+            self._end(key, final=True)
+
+    def ended(self, key: str, error: BaseException | None) -> None:
+        if error is not None:
+            logger.info("stream of generation %s lost: %s", key, type(error).__name__)
+        self._end(key, final=False)
+
+    def _end(self, generation_id: str, *, final: bool) -> None:
+        followed = self._followed.pop(generation_id, None)
+        if followed is None or self._closing:
+            return
+        followed.stream.close()
         if not final:
             logger.info("stream of generation %s ended early; polling it resumes", generation_id)
+        task = asyncio.get_running_loop().create_task(self._release(generation_id))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, generation_id: str) -> None:
         try:
             await self._ended.submit(generation_id)
         except Exception:
@@ -133,10 +143,11 @@ class StreamFollower:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        followed = dict(self._followed)
+        followed, self._followed = self._followed, {}
         for each in followed.values():
-            each.task.cancel()
-        await asyncio.gather(*(f.task for f in followed.values()), return_exceptions=True)
+            each.stream.close()
+        if self._releasing:
+            await asyncio.wait(self._releasing, timeout=5)
         await self._ended.drain()
         if followed:
             try:

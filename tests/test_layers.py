@@ -25,7 +25,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.models relay.database relay.migrate",
         "relay.schemas",
         "relay.store",
-        "relay.upstream relay.eventstream relay.creator relay.resolver relay.sender",
+        "relay.upstream relay.eventstream relay.creator relay.ssecreate relay.resolver"
+        " relay.sender",
         "relay.health relay.hints relay.draining relay.poller relay.deliverer relay.streams",
         "relay.worker",
         "relay.http relay.auth",
