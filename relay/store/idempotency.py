@@ -102,6 +102,15 @@ async def claim_idempotency_key(
         "updated_at": now,
     }
     async with db.transaction() as conn:
+        # Most keys are new: one INSERT claims them.
+        insert = (postgresql.insert if db.is_postgres else sqlite.insert)(idempotency_keys)
+        inserted = await conn.execute(
+            insert.values(api_key_id=ref.key_id, idempotency_key=ref.idempotency_key, **values)
+            .on_conflict_do_nothing()
+            .returning(_t.state)
+        )
+        if inserted.first() is not None:
+            return None
         # A released key, or one past the window, is as good as new.
         reusable = or_(
             _t.state == IdempotencyState.RELEASED,
@@ -111,14 +120,6 @@ async def claim_idempotency_key(
             update(idempotency_keys).where(ref._row(), reusable).values(values).returning(_t.state)
         )
         if taken.first() is not None:
-            return None
-        insert = (postgresql.insert if db.is_postgres else sqlite.insert)(idempotency_keys)
-        inserted = await conn.execute(
-            insert.values(api_key_id=ref.key_id, idempotency_key=ref.idempotency_key, **values)
-            .on_conflict_do_nothing()
-            .returning(_t.state)
-        )
-        if inserted.first() is not None:
             return None
         return await _read(conn, ref, now)
 
