@@ -297,7 +297,10 @@ async def _create(ctx: ProxyContext, scope: Scope, receive: Receive) -> Response
         ref = ctx.gate.ref(job.key_id, job.idempotency_key)
         found = await ctx.gate.claim(ref, job.fingerprint)
         if found is not None:
-            return await _duplicate(ctx, job, ref, found)
+            try:
+                return await _duplicate(ctx, job, ref, found)
+            except ClientGone:
+                return None
         async with ctx.gate.holding(ref):
             # Not settled on an exception (the database failed at the commit): the key
             # stays in progress, its lease runs out, and retries learn the outcome is unknown.

@@ -157,8 +157,9 @@ async def _subscription_target(ctx: ApiContext, headers: Mapping[str, bytes]) ->
     if raw_metadata is not None:
         try:
             data["metadata"] = parse_object(raw_metadata)
-        except ApiError as exc:
-            details.append({"field": "Relay-Metadata", "message": exc.message})
+        except ApiError as exc:  # parse_object's words are about a body
+            message = exc.message.replace("the body", "the header")
+            details.append({"field": "Relay-Metadata", "message": message})
     try:
         checked = await checked_subscription(ctx.settings, data)
     except ApiError as exc:
