@@ -72,11 +72,14 @@ class ApiContext:
         self.auth = Authenticator(self.db, self.settings.rate_limit_per_s)
         self.creates = Batcher(self._write_creates, max_concurrent=4 if self.db.is_postgres else 1)
 
+    def first_poll(self) -> store.FirstPoll:
+        """When new generations get their first per-id poll (push hints, sweeps)."""
+        return self.signals.first_poll() if self.signals else store.FirstPoll()
+
     async def _write_creates(
         self, requests: Sequence[store.CreateRequest]
     ) -> list[store.CreateResult]:
-        first_poll = self.signals.first_poll() if self.signals else store.FirstPoll()
-        outcome = await store.create_subscriptions(self.db, requests, first_poll)
+        outcome = await store.create_subscriptions(self.db, requests, self.first_poll())
         if outcome.polls_queued:
             self.on_polls_queued()
         if outcome.deliveries_queued:
@@ -128,18 +131,25 @@ def attempt_json(row: Mapping[Any, Any]) -> dict[str, Any]:
 # --- Create: the hot path -------------------------------------------------------------------
 
 
+async def checked_subscription(settings: Settings, data: Any) -> SubscriptionCreate:
+    """`data` as a subscription create, its callback URL vetted (DNS included): 422
+    `validation_error` if either is wrong. Creates through the relay check their Relay-*
+    headers here too, so both routes keep one set of rules."""
+    payload = validate(SubscriptionCreate, data)
+    try:
+        await vet_callback_url(payload.callback_url, allow_private=settings.allow_private_callbacks)
+    except CallbackURLError as exc:
+        raise validation_error([{"field": "callback_url", "message": str(exc)}]) from None
+    return payload
+
+
 async def _create(
     ctx: ApiContext, authorization: str, declared_length: str | None, body: AsyncIterator[bytes]
 ) -> tuple[int, dict[str, Any]]:
     key_hash = ctx.auth.key_hash(authorization)
     try:
-        payload = validate(SubscriptionCreate, parse_object(await read_body(declared_length, body)))
-        try:
-            await vet_callback_url(
-                payload.callback_url, allow_private=ctx.settings.allow_private_callbacks
-            )
-        except CallbackURLError as exc:
-            raise validation_error([{"field": "callback_url", "message": str(exc)}]) from None
+        data = parse_object(await read_body(declared_length, body))
+        payload = await checked_subscription(ctx.settings, data)
     except ApiError:
         # Bad input from an unknown or revoked key is still a 401 first.
         await ctx.auth.key_id(key_hash)
@@ -153,6 +163,8 @@ async def _create(
             metadata_json=orjson.dumps(metadata).decode() if metadata is not None else None,
         )
     )
+    if result.not_found:
+        raise ApiError(404, "not_found", "no such generation for this key")
     if result.subscription is None:
         raise unauthorized()
     return (201 if result.created else 200), subscription_json(result.subscription)
@@ -267,7 +279,7 @@ CREATE = Operation(
         201: Answer("created", Subscription, links=_BY_ID),
         200: Answer("an identical active subscription exists", Subscription, links=_BY_ID),
     },
-    errors=(400, 401, 413, 422, 429),
+    errors=(400, 401, 404, 413, 422, 429),
 )
 LIST = Operation(
     "listSubscriptions",

@@ -17,22 +17,27 @@ import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from relay import __version__, admin, api, logs, probes, store
+from relay import __version__, admin, api, logs, probes, proxy, store
 from relay import intake as intake_routes
 from relay.admin import AdminContext
 from relay.api import ApiContext
 from relay.config import Settings
+from relay.creator import Creator, UpstreamCreator
 from relay.database import Database, open_database
 from relay.deliverer import Deliverer
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
+from relay.idempotency import IdempotencyGate
 from relay.ids import new_id
 from relay.intake import IntakeContext
 from relay.metrics import Metrics
 from relay.openapi import with_openapi
 from relay.poller import Poller, upstream_budget
+from relay.proxy import ProxyContext
 from relay.sender import AiohttpSender, CallbackSender
 from relay.signals import Signals
+from relay.ssecreate import SseCreator
+from relay.streams import StreamFollower
 from relay.sweeps import Sweeper
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
@@ -46,6 +51,7 @@ class State(TypedDict):
     api: ApiContext
     intake: IntakeContext
     admin: AdminContext
+    proxy: ProxyContext
 
 
 def _resume_normal_polling(
@@ -135,17 +141,34 @@ def create_app(
             context.on_polls_queued = worker.kick_poller
             context.on_deliveries_queued = worker.kick_deliverer
             intake.on_polls_queued = worker.kick_poller
+        creator: Creator = (SseCreator if settings.upstream_sse else UpstreamCreator)(
+            settings.upstream_url,
+            settings.upstream_api_key,
+            timeout_s=settings.upstream_timeout_s,
+        )
+        gate = IdempotencyGate(db, owner, settings.lease_s)
+        proxy_context = ProxyContext(api=context, creator=creator, gate=gate)
+        follower: StreamFollower | None = None
+        if settings.upstream_sse and role != "worker":
+            # Named apart from this node's poller, whose leases are another matter.
+            follower = StreamFollower(db, f"{owner}/sse", settings.lease_s, context.on_polls_queued)
+            proxy_context.follow = follower.follow
+            proxy_context.stream_owner = follower.owner
         logger.info("relay started: role=%s node=%s", role, owner, extra={"event": "relay.started"})
         try:
             yield {
                 "api": context,
                 "intake": intake,
                 "admin": AdminContext(db, settings, metrics, health, owner, signals),
+                "proxy": proxy_context,
             }
         finally:
             watching.cancel()
             await context.creates.drain()
             await intake.hints.drain()
+            if follower is not None:
+                await follower.close()
+            await creator.aclose()
             if worker is not None:
                 await worker.stop()
             if upstream is not None:
@@ -156,7 +179,7 @@ def create_app(
             logger.info("relay stopped: node=%s", owner, extra={"event": "relay.stopped"})
 
     # A worker serves only the probes; /openapi.json documents what this process serves.
-    served = [*api.ROUTES, *intake_routes.ROUTES] if role != "worker" else []
+    served = [*api.ROUTES, *intake_routes.ROUTES, *proxy.ROUTES] if role != "worker" else []
     routes: list[BaseRoute] = [*served, *probes.ROUTES]
     # The operator's routes are not the client API's: /openapi.json does not list them.
     return Starlette(

@@ -119,10 +119,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         raise ConfigError("RELAY_UPSTREAM_API_KEY", "is required by the worker role")
     lock = hold_sqlite_serve_lock(settings.database_url)  # None on PostgreSQL
     _migrate(settings)
-    if args.role == "all" and not settings.upstream_api_key:
+    if args.role in ("all", "api") and not settings.upstream_api_key:
         logger.warning(
-            "RELAY_UPSTREAM_API_KEY is not set: polls go out without a key and the upstream "
-            "will refuse them; set it before real use",
+            "RELAY_UPSTREAM_API_KEY is not set: polls and creates through the relay go out "
+            "without a key and the upstream will refuse them; set it before real use",
             extra={"event": "config.upstream_key_missing"},
         )
     # Bind before anything starts, so a port in use is one clear line, not a worker that

@@ -19,6 +19,10 @@ from relay.signing import SECRET_PREFIX, check_secret
 T = TypeVar("T")
 
 DEFAULT_RETRY_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+DEFAULT_PROXY_MAX_BODY_BYTES = 100 * 2**20
+# Test seams (RELAY_FAILPOINT): the process SIGKILLs itself at the named point of a create
+# through the relay, so tests can prove what a crash there leaves behind. Never for production.
+FAILPOINTS = ("proxy.before_commit", "proxy.after_commit")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     log_format: str = "text"
     access_log: bool = False
+    # Creating generations through the relay (proxy.py).
+    proxy_max_body_bytes: int = DEFAULT_PROXY_MAX_BODY_BYTES
+    upstream_sse: bool = False
+    failpoint: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -102,6 +110,11 @@ class Settings:
             admin_token=reader.get("RELAY_ADMIN_TOKEN", None, _admin_token),
             log_format=reader.get("RELAY_LOG_FORMAT", "text", _log_format),
             access_log=reader.get("RELAY_ACCESS_LOG", False, _bool),
+            proxy_max_body_bytes=reader.get(
+                "RELAY_PROXY_MAX_BODY", DEFAULT_PROXY_MAX_BODY_BYTES, _positive_int
+            ),
+            upstream_sse=reader.get("RELAY_UPSTREAM_SSE", False, _bool),
+            failpoint=reader.get("RELAY_FAILPOINT", None, _failpoint),
         )
         if settings.poll_max_interval_s < settings.poll_min_interval_s:
             raise ConfigError(
@@ -227,6 +240,12 @@ def _database_url(raw: str) -> str:
         # Accept the URL users copy from their provider and pick the async driver for them.
         return "postgresql+asyncpg://" + raw.split("://", 1)[1]
     raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+
+
+def _failpoint(raw: str) -> str:
+    if raw not in FAILPOINTS:
+        raise ValueError(f"must be one of {', '.join(FAILPOINTS)} (a test seam)")
+    return raw
 
 
 def _log_level(raw: str) -> str:

@@ -156,6 +156,7 @@ class Answer:
     description: str
     model: type[BaseModel] | None = None
     links: tuple[str, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)  # name: what it carries
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,10 @@ class Operation:
     """What one method of one path is, declared beside its handler: openapi.py publishes it.
 
     `errors` are the error statuses it may answer (their codes are the contract's). `body`,
-    `query` and `path` are the models its handler validates its input with.
+    `query`, `path` and `headers` are the models its handler validates its input with;
+    `raw_body` the media types of a body passed on unread, and `passthrough` what is answered
+    with another server's status (the OpenAPI `default` answer); `error_notes` say what an
+    error status means on this route where the common description does not fit.
     """
 
     operation_id: str
@@ -175,6 +179,10 @@ class Operation:
     path: type[BaseModel] | None = None
     authenticated: bool = True
     security: str = "bearer"  # the scheme (openapi.SECURITY_SCHEMES) when authenticated
+    headers: type[BaseModel] | None = None
+    raw_body: tuple[str, ...] = ()
+    passthrough: Answer | None = None
+    error_notes: Mapping[int, str] = field(default_factory=dict)  # this route's own codes
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -78,6 +79,14 @@ class Listing(StrEnum):
     MISSING = "missing"
     UNLISTED = "unlisted"
     DROPPED = "dropped"
+
+
+class IdempotencyState(StrEnum):
+    IN_PROGRESS = "in_progress"  # its request is with the upstream; `owner` renews the lease
+    DONE = "done"  # the answer is stored: every retry with the key gets it again
+    # Nothing was created upstream: the answer went to the request (and to duplicates that
+    # waited for it); the next request with the key may use it again.
+    RELEASED = "released"
 
 
 class CallbackEvent(StrEnum):
@@ -164,6 +173,10 @@ generations = Table(
     Column("listed_at", UTCDateTime(), nullable=True),
     _now_column("created_at"),
     _now_column("updated_at"),
+    # The key that created it through the relay (proxy.py): only that key may subscribe to
+    # it. Null for generations created elsewhere. No foreign key: keys are never deleted, and
+    # adding one would rebuild this table on SQLite.
+    Column("owner_key_id", String(40), nullable=True),
     Index("ix_generations_due", "next_poll_at"),
     Index("ix_generations_state_updated", "state", "updated_at"),
 )
@@ -298,4 +311,31 @@ relay_state = Table(
     Column("at", UTCDateTime(), nullable=True),
     Column("holder", String(40), nullable=True),
     Column("until", UTCDateTime(), nullable=True),
+)
+
+# Creates through the relay sent with an Idempotency-Key (proxy.py): one row per key and
+# Idempotency-Key, kept 24 hours. The first request claims the row (in_progress, under a lease
+# its process renews), and the stored answer is what every retry gets.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("api_key_id", String(40), ForeignKey("api_keys.id"), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("request", String(512), nullable=False),  # method and path, "POST /v1/generation/..."
+    # sha256 of Relay-Callback-Url and Relay-Metadata; of the body, once it was read whole.
+    Column("target_sha256", String(64), nullable=False),
+    Column("body_sha256", String(64), nullable=True),
+    # IdempotencyState: in_progress | done | released
+    Column("state", String(16), nullable=False),
+    Column("owner", String(40), nullable=True),  # the node whose request holds it
+    Column("locked_until", UTCDateTime(), nullable=True),  # the owner's lease
+    # The answer: status, the headers passed on (JSON object), body as sent.
+    Column("status_code", Integer, nullable=True),
+    Column("response_headers", Text, nullable=True),
+    Column("response_body", LargeBinary, nullable=True),
+    Column("subscription_id", String(40), nullable=True),
+    Column("generation_id", String(128), nullable=True),
+    _now_column("created_at"),
+    _now_column("updated_at"),
+    Index("ix_idempotency_keys_created", "created_at"),
 )

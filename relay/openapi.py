@@ -5,6 +5,7 @@ cannot name a route that is not served, or miss one that is. No hand-written pat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,12 +24,16 @@ _REF = "#/components/schemas/{model}"
 _ERRORS = {
     400: "invalid_json: the body is not JSON, or not an object",
     401: "unauthorized: no key, unknown key, revoked key",
-    404: "not_found: no such subscription for this key",
+    404: "not_found: no such subscription (or generation) for this key",
     409: "conflict: nothing to redeliver",
     413: f"payload_too_large: body over {BODY_MAX_BYTES // 1024} KiB",
     422: "validation_error: `details` lists each field and why",
     429: "rate_limited: the key sends too fast (see Retry-After)",
+    502: "upstream_unavailable or upstream_invalid_answer: no usable answer from the upstream",
+    504: "upstream_timeout: the upstream did not answer in time",
 }
+# Starlette's path converters ({model:path}) are not OpenAPI's.
+_CONVERTER = re.compile(r"\{(\w+):\w+\}")
 
 OPENAPI = Operation(
     "getOpenapi",
@@ -56,7 +61,7 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
     for served in routes:
         if isinstance(served, Route):
             for method, operation in operations(served).items():
-                item = paths.setdefault(served.path, {})
+                item = paths.setdefault(_CONVERTER.sub(r"{\1}", served.path), {})
                 item[method.lower()] = _operation(operation, schemas)
     return {
         "openapi": "3.1.0",
@@ -98,6 +103,8 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
         parameters += _parameters(operation.path, "path", schemas)
     if operation.query is not None:
         parameters += _parameters(operation.query, "query", schemas)
+    if operation.headers is not None:
+        parameters += _parameters(operation.headers, "header", schemas)
     if parameters:
         described["parameters"] = parameters
     if operation.body is not None:
@@ -105,11 +112,19 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": _component(operation.body, schemas)}},
         }
+    elif operation.raw_body:
+        described["requestBody"] = {
+            "required": True,
+            "content": {media: {"schema": {}} for media in operation.raw_body},
+        }
     responses = {
         str(status): _answer(answer, schemas) for status, answer in operation.answers.items()
     }
     for status in operation.errors:
-        responses[str(status)] = _answer(Answer(_ERRORS[status], ErrorBody), schemas)
+        note = operation.error_notes.get(status, _ERRORS[status])
+        responses[str(status)] = _answer(Answer(note, ErrorBody), schemas)
+    if operation.passthrough is not None:
+        responses["default"] = _answer(operation.passthrough, schemas)
     described["responses"] = responses
     return described
 
@@ -120,6 +135,11 @@ def _answer(answer: Answer, schemas: dict[str, Any]) -> dict[str, Any]:
         "description": answer.description,
         "content": {"application/json": {"schema": schema}},
     }
+    if answer.headers:
+        described["headers"] = {
+            name: {"description": description, "schema": {"type": "string"}}
+            for name, description in answer.headers.items()
+        }
     if answer.links:
         # What a client (or a stateful fuzzer) can call next with this answer's id.
         described["links"] = {

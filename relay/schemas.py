@@ -61,6 +61,19 @@ def is_generation_id(value: str) -> bool:
     return len(value) <= GENERATION_ID_MAX_CHARS and _GENERATION_ID.match(value) is not None
 
 
+# A create through the relay names its model in the path: `provider/model...`, each segment
+# by the id rule above (so no segment is "." or ".."), forwarded into the upstream's path.
+_SEGMENT = GENERATION_ID_PATTERN.removeprefix("^").removesuffix("$")
+MODEL_PATH_PATTERN = rf"^{_SEGMENT}(/{_SEGMENT})*$"
+MODEL_PATH_MAX_CHARS = 256
+MODEL_PATH_RULE = (
+    "must be one or more segments separated by /, each of A-Z a-z 0-9 _ . : -, not only dots"
+)
+IDEMPOTENCY_KEY_MAX_CHARS = 255
+IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]+$"
+IDEMPOTENCY_KEY_RULE = (
+    f"must be 1-{IDEMPOTENCY_KEY_MAX_CHARS} printable ASCII characters (a UUID is a good key)"
+)
 # `sub_` + 26 Crockford base32 characters (ids.py): what every subscription id looks like.
 SUBSCRIPTION_ID_PATTERN = r"^sub_[0-9A-HJKMNP-TV-Z]{26}$"
 SUBSCRIPTION_ID_RULE = "must be a subscription id (sub_ and 26 characters of Crockford base32)"
@@ -140,6 +153,11 @@ CallbackUrl = Annotated[
 ]
 # A BeforeValidator wraps what stands left of it: written last, the text check runs first and
 # the range stays in the schema as minimum and maximum.
+IdempotencyKey = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS),
+    Matches(IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE),
+]
 ListLimit = Annotated[
     int, Field(ge=LIST_LIMIT_MIN, le=LIST_LIMIT_MAX), BeforeValidator(_list_limit)
 ]
@@ -205,6 +223,54 @@ class SubscriptionPath(BaseModel):
     id: SubscriptionId
 
 
+class ProxyPath(BaseModel):
+    """The path of a create through the relay: the upstream's own, after /v1/generation/."""
+
+    provider: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=GENERATION_ID_MAX_CHARS),
+        Matches(GENERATION_ID_PATTERN, GENERATION_ID_RULE),
+    ] = Field(description="The model's provider, as in the upstream's path.", examples=["flux"])
+    model: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MODEL_PATH_MAX_CHARS),
+        Matches(MODEL_PATH_PATTERN, MODEL_PATH_RULE),
+    ] = Field(
+        description="The model, one or more path segments (e.g. `kling-ai/o3/video`).",
+        examples=["dev"],
+    )
+
+
+class ProxyHeaders(BaseModel):
+    """The headers a create through the relay adds to the upstream's request."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    callback_url: str = Field(
+        alias="Relay-Callback-Url",
+        description=(
+            "Where the final result is sent: checked like a subscription's `callback_url` "
+            "before anything is forwarded, so a refused URL costs no credits."
+        ),
+        examples=["https://93.184.216.34/hooks/gen"],
+    )
+    metadata: str | None = Field(
+        default=None,
+        alias="Relay-Metadata",
+        description="A JSON object, with the rules of a subscription's `metadata`.",
+        examples=['{"order": 42}'],
+    )
+    idempotency_key: IdempotencyKey | None = Field(
+        default=None,
+        alias="Idempotency-Key",
+        description=(
+            "A retry with the same key within 24 hours gets the first answer again, "
+            "without a second create upstream."
+        ),
+        examples=["9f1c2d3e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"],
+    )
+
+
 # --- Responses ------------------------------------------------------------------------------
 
 
@@ -258,6 +324,12 @@ ErrorCode = Literal[
     "validation_error",
     "rate_limited",
     "unavailable",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "upstream_invalid_answer",
+    "idempotency_mismatch",
+    "idempotency_in_progress",
+    "idempotency_outcome_unknown",
 ]
 
 

@@ -30,6 +30,9 @@ def test_defaults_match_the_contract_table() -> None:
     assert settings.delivery_retry_schedule_s == (5, 300, 1800, 7200, 18000, 36000, 36000)
     assert settings.allow_private_callbacks is False
     assert settings.rate_limit_per_s == 1000
+    assert settings.proxy_max_body_bytes == 104857600
+    assert settings.upstream_sse is False
+    assert settings.failpoint is None
     assert settings == Settings()
 
 
@@ -93,6 +96,10 @@ def test_from_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch)
         ("RELAY_ADMIN_TOKEN", "a" * 16, "admin_token", "a" * 16),
         ("RELAY_LOG_FORMAT", "JSON", "log_format", "json"),
         ("RELAY_ACCESS_LOG", "on", "access_log", True),
+        ("RELAY_PROXY_MAX_BODY", "1048576", "proxy_max_body_bytes", 1048576),
+        ("RELAY_UPSTREAM_SSE", "true", "upstream_sse", True),
+        ("RELAY_FAILPOINT", "proxy.after_commit", "failpoint", "proxy.after_commit"),
+        ("RELAY_FAILPOINT", "proxy.before_commit", "failpoint", "proxy.before_commit"),
     ],
 )
 def test_each_variable_is_parsed(variable: str, raw: str, field: str, expected: Any) -> None:
@@ -140,6 +147,10 @@ def test_an_empty_value_means_the_default(variable: str) -> None:
         ("RELAY_ADMIN_TOKEN", "sixteen chars with spaces"),
         ("RELAY_LOG_FORMAT", "xml"),
         ("RELAY_ACCESS_LOG", "sometimes"),
+        ("RELAY_PROXY_MAX_BODY", "0"),
+        ("RELAY_PROXY_MAX_BODY", "100MiB"),
+        ("RELAY_UPSTREAM_SSE", "sometimes"),
+        ("RELAY_FAILPOINT", "proxy.somewhere"),
     ],
 )
 def test_a_bad_value_raises_config_error_naming_the_variable(variable: str, raw: str) -> None:

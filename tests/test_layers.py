@@ -27,12 +27,14 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.models relay.database relay.migrate",
         "relay.schemas",
         "relay.store",
-        "relay.upstream relay.resolver relay.sender",
+        "relay.upstream relay.eventstream relay.creator relay.ssecreate relay.resolver"
+        " relay.sender",
         "relay.health relay.signals relay.hints relay.draining relay.poller relay.deliverer"
-        " relay.sweeps",
+        " relay.sweeps relay.streams",
         "relay.worker",
         "relay.http relay.auth",
         "relay.api relay.probes relay.openapi relay.intake relay.dashboard relay.admin",
+        "relay.idempotency relay.proxy_request relay.proxy",
         "relay.app",
         "relay.cli_ops",
         "relay.cli",
@@ -50,6 +52,9 @@ API_SIDE = frozenset(
         "relay.intake",
         "relay.dashboard",
         "relay.admin",
+        "relay.idempotency",
+        "relay.proxy_request",
+        "relay.proxy",
     ]
 )
 WORKER_SIDE = frozenset(
@@ -61,6 +66,7 @@ WORKER_SIDE = frozenset(
         "relay.hostslots",
         "relay.worker",
         "relay.sweeps",
+        "relay.streams",
     ]
 )
 HTTP_LIBRARIES = frozenset({"aiohttp", "starlette", "httpx", "uvicorn", "yarl"})

@@ -37,6 +37,7 @@ RELAY_TABLES = {
     "upstream_hints",
     "upstream_webhooks",
     "relay_state",
+    "idempotency_keys",
 }
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -125,7 +125,8 @@ def test_the_document_lists_exactly_the_routes_served(role: Role, module_db_url:
     """Every method of every route is documented, and every documented one is served."""
     for served in _serve(module_db_url, role):
         served_methods = {
-            (route.path, method)
+            # Starlette's converters ({model:path}) are written without the type in OpenAPI.
+            (re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path), method)
             for route in served.app.routes
             if isinstance(route, Route)
             for method in (route.methods or set()) - {"HEAD"}
@@ -136,6 +137,8 @@ def test_the_document_lists_exactly_the_routes_served(role: Role, module_db_url:
         assert served_methods == documented
         assert ("/openapi.json", "GET") in documented
         assert (("/v1/subscriptions", "POST") in documented) == (role != "worker")
+        proxied = ("/v1/generation/{provider}/{model}", "POST")
+        assert (proxied in documented) == (role != "worker")
 
 
 def test_the_document_is_openapi_3_1_built_from_the_models(served: Served) -> None:
@@ -305,3 +308,53 @@ async def test_query_values_are_refused_exactly_when_the_schema_refuses_them(
     assert await listed("sub_" + "Z" * 26) == sorted(ids, reverse=True)
     assert await listed("sub_" + "0" * 26) == []
     assert await listed(ids[1]) == [ids[0]]
+
+
+# --- Creating generations through the relay ---------------------------------------------------
+
+
+def test_the_create_through_the_relay_is_documented(served: Served) -> None:
+    """createGeneration documents its path, its Relay-* and Idempotency-Key headers, JSON and
+    multipart bodies, Relay-Subscription-Id on success and the upstream's refusals as its
+    default answer."""
+    item = served.doc["paths"]["/v1/generation/{provider}/{model}"]
+    operation = item["post"]
+    assert operation["operationId"] == "createGeneration"
+    parameters = {(p["in"], p["name"]): p for p in operation["parameters"]}
+    assert set(parameters) == {
+        ("path", "provider"),
+        ("path", "model"),
+        ("header", "Relay-Callback-Url"),
+        ("header", "Relay-Metadata"),
+        ("header", "Idempotency-Key"),
+    }
+    assert parameters[("header", "Relay-Callback-Url")]["required"]
+    assert not parameters[("header", "Idempotency-Key")]["required"]
+    assert parameters[("header", "Idempotency-Key")]["schema"]["maxLength"] == 255
+    assert set(operation["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert "Relay-Subscription-Id" in operation["responses"]["200"]["headers"]
+    assert {"401", "409", "413", "422", "502", "504", "default"} <= set(operation["responses"])
+    assert "idempotency_outcome_unknown" in operation["responses"]["409"]["description"]
+
+
+MODEL_SAMPLES = ["dev", "o3/video", "v2.1:fast", "..", "a/..", "a//b", "a/", "a b", "m" * 257]
+
+
+async def test_the_model_path_rule_is_the_documents(served: Served, api: Api) -> None:
+    """A model path is routed to the upstream exactly when the document's pattern accepts it
+    (here the upstream is unreachable: 502); any other is 404 and nothing is forwarded."""
+    operation = served.doc["paths"]["/v1/generation/{provider}/{model}"]["post"]
+    (schema,) = [p["schema"] for p in operation["parameters"] if p["name"] == "model"]
+    for value in MODEL_SAMPLES:
+        response = await api.request(
+            "POST",
+            # Dots escaped: the client would resolve "a/.." itself otherwise.
+            f"/v1/generation/flux/{quote(value, safe='/').replace('.', '%2E')}",
+            key=served.api_key,
+            headers={"relay-callback-url": "http://93.184.216.34/hook"},
+            content=b"{}",
+        )
+        if schema_accepts(served.doc, schema, value):
+            expect_error(response, 502, "upstream_unavailable")
+        else:
+            expect_error(response, 404, "not_found")

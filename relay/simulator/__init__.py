@@ -19,8 +19,8 @@ Owns everything `relay fake-upstream`, the tests and the benchmarks need from a 
   selectable place for the generation id (`webhook_settings` lists the knobs);
 - creates, plain or answered as an SSE stream of status frames, JSON or multipart bodies
   streamed (never held whole) and logged byte-exact (count, sha256); refusals (402, 422,
-  429, 500), create latency, answers without an id, and SSE streams cut after N frames or
-  seconds (all in the faults);
+  429, 500), create latency, answers without an id, late answers to creates already made,
+  and SSE streams cut after N frames or seconds (all in the faults);
 - counters: every poll of every id (known or not) with its wall-clock time, list calls and
   creates apart, readable under `/_fake/` so tests can count what relay did.
 

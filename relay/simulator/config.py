@@ -62,6 +62,9 @@ class FaultSettings:
     # Creates (POST /v1/generation/..., plain and SSE); random poll faults do not apply to them.
     create_refusal: int | None = None  # 402, 422, 429 or 500 in the upstream's error shape
     create_latency_s: float = 0.0  # added to latency_s for creates
+    # Held after the generation is made, before it is answered: an upstream that created it
+    # but answers late (the client may give up first).
+    create_answer_delay_s: float = 0.0
     create_without_id: bool = False  # a 2xx answer whose body (or first frame) has no "id"
     sse_cut_after_frames: int | None = None  # end SSE streams after this many frames
     sse_cut_after_s: float | None = None  # end SSE streams after this long

@@ -18,8 +18,9 @@ JSON shapes (errors are `{"error": <code>, "message": <text>}` with 400, 404 or 
   "list_total", "lists_in_flight_max", "list_by_status_code": {...}, "create_total", "faults": {"hang", "error", "rate_limit",
   "malformed"}, "generations": {"total", <status>: n, ...}}`. List calls are not polls.
 - `GET /_fake/creates` -> `{"total", "items": [{"id", "path", "content_type", "bytes",
-  "sha256", "at", "sse", "status"}, ...]}`: every create that passed the auth check, oldest
-  first (`id` null when refused).
+  "sha256", "at", "sse", "status", "header_names"}, ...]}`: every create that passed the
+  auth check, oldest first (`id` null when refused; `header_names` the request's header
+  names, lower case and sorted, so tests can see what a client forwarded).
 - `GET /_fake/lists` -> `{"total", "times": [unix seconds, ...], "max_in_flight"}`: every
   running-list call, and the most answered at once.
 - `POST /_fake/reset` optional `{"generations": bool, "faults": bool, "webhooks": bool}` ->

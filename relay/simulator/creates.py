@@ -6,7 +6,8 @@ Bodies are read chunk by chunk: each create records its byte count and sha256 so
 check what arrived byte-exact, and only a JSON body is kept whole (to parse the input); a
 multipart upload of 50 MiB is never held. Creates get latency (`latency_s` +
 `create_latency_s`) and the auth check, then the create switches of FaultSettings
-(`create_refusal`, `create_without_id`); the random poll faults stay on GETs. It must not
+(`create_refusal`, `create_without_id`, and `create_answer_delay_s`: made, then answered
+late); the random poll faults stay on GETs. It must not
 script lifecycles (FakeUpstream draws them from the model's family) nor answer polls.
 """
 
@@ -64,6 +65,7 @@ class CreateRecord:
     at: float  # unix time the body was read
     sse: bool
     status: int  # what it was answered
+    header_names: list[str]  # lower case, sorted: what the client forwarded
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,8 +123,9 @@ def create_routes(sim: FakeUpstream) -> list[Route]:
         content_type = request.headers.get("content-type", "")
         multipart = content_type.lower().startswith("multipart/")
         size, sha256, raw = await _read_body(request, keep=not multipart)
+        names = sorted({name.decode("latin-1").lower() for name, _ in request.scope["headers"]})
         record = CreateRecord(
-            None, request.url.path, content_type, size, sha256, time.time(), sse, 200
+            None, request.url.path, content_type, size, sha256, time.time(), sse, 200, names
         )
         sim.creates.append(record)
         refused = _refusal(faults)
@@ -136,6 +139,8 @@ def create_routes(sim: FakeUpstream) -> list[Route]:
         spec = {"family": family_for_model(model), "input": parsed or None}
         gen = sim.create_checked([spec], model=model)[0]
         record.id = gen.id
+        if faults.create_answer_delay_s > 0:
+            await asyncio.sleep(faults.create_answer_delay_s)
         if sse:
             frames = sse_frames(sim, gen, faults, _first_body(gen, faults.create_without_id))
             return StreamingResponse(frames, media_type="text/event-stream")

@@ -8,15 +8,19 @@ ran out cannot overwrite the work of the one that took over. The pattern is writ
 _leases.py, for both leased tables.
 
 Lock order, for every writer that takes more than one: generation, then deliveries, then
-subscriptions (create, cancel, record a poll, record attempts, redeliver). Nodes therefore
+subscriptions (create, cancel, record a poll, record attempts, redeliver, record a create
+made through the relay). Nodes therefore
 do not deadlock on each other in the common paths, and a transaction that still loses such a
 race is retried whole (`_sql.retrying`). A subscription cannot be left active on a generation
 that stopped polling: create and cancel both lock the generation row first.
 
 One module per table family: keys.py (API keys); creates.py and subscriptions.py (the API's
-side of subscriptions); generations.py (polls); deliveries.py and attempts.py (the outbox and
-what each attempt writes); hints.py and sweeps.py (push hints and batch sweeps); state.py
-(the little every node must agree on); housekeeping.py (pruning); seeding.py (bulk states for benchmarks
+side of subscriptions); proxied.py (the commit after a create through the relay) and
+idempotency.py (its Idempotency-Keys); streams.py (generations followed through the
+upstream's event stream instead of polled); generations.py (polls); hints.py and sweeps.py
+(push hints and batch sweeps); state.py (the little every node must agree on);
+deliveries.py and attempts.py (the outbox and what each attempt writes); housekeeping.py
+(pruning); seeding.py (bulk states for benchmarks
 and tests, not re-exported here). Callers use the names below as `store.<name>`. The store
 imports no HTTP code.
 """
@@ -49,7 +53,20 @@ from relay.store.generations import (
 )
 from relay.store.hints import HintOutcome, IncomingHint, apply_hints, end_safety_net
 from relay.store.housekeeping import prune, prune_hints
+from relay.store.idempotency import (
+    IdempotencyRecord,
+    IdempotencyRef,
+    RequestFingerprint,
+    Settlement,
+    StoredAnswer,
+    claim_idempotency_key,
+    prune_idempotency_keys,
+    read_idempotency_key,
+    renew_idempotency_key,
+    settle_idempotency_key,
+)
 from relay.store.keys import NewKey, authenticate, create_key, hash_api_key, list_keys, revoke_key
+from relay.store.proxied import ProxiedCreate, ProxiedOutcome, record_proxied_create
 from relay.store.state import (
     SharedState,
     note_hint,
@@ -58,6 +75,7 @@ from relay.store.state import (
     take_sweep,
     turn_sweeps_off,
 )
+from relay.store.streams import end_streams, renew_stream_leases
 from relay.store.subscriptions import (
     RedeliverConflict,
     cancel_subscription,
@@ -78,11 +96,18 @@ __all__ = [
     "FirstPoll",
     "HintOutcome",
     "HostDeferral",
+    "IdempotencyRecord",
+    "IdempotencyRef",
     "IncomingHint",
     "NewKey",
     "PollRecord",
+    "ProxiedCreate",
+    "ProxiedOutcome",
     "RedeliverConflict",
+    "RequestFingerprint",
+    "Settlement",
     "SharedState",
+    "StoredAnswer",
     "SweepCounts",
     "SweepResult",
     "apply_hints",
@@ -91,10 +116,12 @@ __all__ = [
     "cancel_subscription",
     "claim_due_deliveries",
     "claim_due_generations",
+    "claim_idempotency_key",
     "create_key",
     "create_subscriptions",
     "defer_hosts",
     "end_safety_net",
+    "end_streams",
     "get_subscription",
     "hash_api_key",
     "list_attempts",
@@ -103,15 +130,21 @@ __all__ = [
     "note_hint",
     "prune",
     "prune_hints",
+    "prune_idempotency_keys",
+    "read_idempotency_key",
     "read_state",
     "record_attempts",
     "record_polls",
+    "record_proxied_create",
     "redeliver",
     "release_deliveries",
     "release_sweep",
     "renew_delivery_leases",
     "renew_generation_leases",
+    "renew_idempotency_key",
+    "renew_stream_leases",
     "revoke_key",
+    "settle_idempotency_key",
     "storable",
     "sweep_counts",
     "take_sweep",

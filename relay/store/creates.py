@@ -1,5 +1,6 @@
 """Creating subscriptions, the API's side: many creates in one transaction, idempotent per
-key, generation and callback URL.
+key, generation and callback URL, and only by its owner for a generation created through
+the relay (another key is told it does not exist).
 
 Owns the create path: authenticating the batch's keys, finding or creating each generation's
 row (and waking idle or expired ones), inserting the new subscriptions and, for generations
@@ -42,10 +43,12 @@ class CreateRequest:
 
 @dataclass(frozen=True)
 class CreateResult:
-    """One create's answer: None subscription means the key was not valid."""
+    """One create's answer: None subscription means the key was not valid, or, with
+    `not_found`, that the generation belongs to another key."""
 
     subscription: Mapping[Any, Any] | None
     created: bool = False
+    not_found: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,18 +81,22 @@ async def create_subscriptions(
 
     async def work() -> CreateBatchOutcome:
         async with db.transaction() as conn:
-            return await _create_subscriptions(conn, db.now(), requests, first_poll, db.is_postgres)
+            return await create_subscriptions_in(
+                conn, db.now(), requests, first_poll, db.is_postgres
+            )
 
     return await retrying(work, on_integrity_error=True)
 
 
-async def _create_subscriptions(
+async def create_subscriptions_in(
     conn: AsyncConnection,
     now: datetime,
     requests: Sequence[CreateRequest],
     first_poll: FirstPoll,
     postgres: bool,
 ) -> CreateBatchOutcome:
+    """The create batch inside a transaction the caller holds (proxied.py commits a create
+    through the relay with its Idempotency-Key in the same one)."""
     outcome = CreateBatchOutcome(results=[])
     hashes = {r.key_hash for r in requests}
     key_rows = await conn.execute(
@@ -100,11 +107,16 @@ async def _create_subscriptions(
     )
     key_ids: dict[str, str] = {row.key_hash: row.id for row in key_rows}
 
-    valid = [r for r in requests if r.key_hash in key_ids]
-    gen_ids = sorted({r.generation_id for r in valid})
+    wanted_by: dict[str, set[str]] = {}
+    for r in requests:
+        if r.key_hash in key_ids:
+            wanted_by.setdefault(r.generation_id, set()).add(key_ids[r.key_hash])
+    gen_ids = sorted(wanted_by)
     gens: dict[str, dict[str, Any]] = {}
     if gen_ids:
-        gens = await _lock_or_create_generations(conn, now, gen_ids, first_poll, postgres)
+        gens = await _lock_or_create_generations(
+            conn, now, gen_ids, first_poll, postgres, wanted_by
+        )
 
     existing: dict[tuple[str, str, str], dict[str, Any]] = {}
     if gen_ids:
@@ -130,11 +142,14 @@ async def _create_subscriptions(
         if key_id is None:
             outcome.results.append(CreateResult(subscription=None))
             continue
+        gen = gens[request.generation_id]
+        if gen["owner_key_id"] not in (None, key_id):
+            outcome.results.append(CreateResult(subscription=None, not_found=True))
+            continue
         triple = (key_id, request.generation_id, request.callback_url)
         if triple in existing:
             outcome.results.append(CreateResult(subscription=existing[triple], created=False))
             continue
-        gen = gens[request.generation_id]
         row = new_subscription_row(
             key_id, request.generation_id, request.callback_url, request.metadata_json, now
         )
@@ -164,14 +179,17 @@ async def _lock_or_create_generations(
     gen_ids: list[str],
     first_poll: FirstPoll,
     postgres: bool,
+    wanted_by: Mapping[str, set[str]],
 ) -> dict[str, dict[str, Any]]:
-    """Lock (PostgreSQL) the generations' rows, creating missing ones; wake idle/expired ones.
-    Returns each generation's id, state, status and next_poll_at as they now are."""
+    """Lock (PostgreSQL) the generations' rows, creating missing ones; wake idle/expired ones
+    that a key in `wanted_by` may subscribe to. Returns each generation's id, state, status,
+    next_poll_at and owner_key_id as they now are."""
     columns = (
         generations.c.id,
         generations.c.state,
         generations.c.status,
         generations.c.next_poll_at,
+        generations.c.owner_key_id,
     )
     query = (
         select(*columns)
@@ -185,7 +203,11 @@ async def _lock_or_create_generations(
     }
     missing = [gid for gid in gen_ids if gid not in found]
     asleep = (GenerationState.IDLE, GenerationState.EXPIRED)
-    wake = [gid for gid, row in found.items() if row["state"] in asleep]
+    wake = [
+        gid
+        for gid, row in found.items()
+        if row["state"] in asleep and row["owner_key_id"] in (None, *wanted_by[gid])
+    ]
     starts = await _first_polls(conn, now, [*missing, *wake], first_poll, postgres)
     await insert_rows(
         conn,
@@ -222,6 +244,7 @@ async def _lock_or_create_generations(
             "state": GenerationState.POLLING,
             "status": start.get("status", found.get(gid, {}).get("status")),
             "next_poll_at": start["next_poll_at"],
+            "owner_key_id": found.get(gid, {}).get("owner_key_id"),
         }
     return found
 

@@ -1,6 +1,7 @@
 """Housekeeping: prune finished subscriptions, their deliveries and attempts, and finished
-generations nobody subscribes to, once they are older than the retention period; and push
-hints nobody came for, and accepted webhook ids, once they cannot matter any more.
+generations nobody subscribes to, once they are older than the retention period; push hints
+nobody came for, and accepted webhook ids, once they cannot matter any more; and
+Idempotency-Keys past their 24 hours (idempotency.py's own pruning, called from here).
 
 Owns deleting old rows. Never touches an active subscription or a polling
 generation; one node prunes at a time (an advisory lock on PostgreSQL).
@@ -26,6 +27,7 @@ from relay.models import (
     upstream_webhooks,
 )
 from relay.store._sql import any_of
+from relay.store.idempotency import prune_idempotency_keys
 
 PRUNE_LOCK_ID = 0x72656C6170  # advisory lock: one pruning node at a time
 
@@ -34,6 +36,7 @@ async def prune(db: Database, older_than_s: float, batch: int = 500) -> int:
     """Delete finished subscriptions (and their deliveries and attempts) and finished
     generations older than the retention period, in batches; one node at a time.
     Returns the number of subscriptions deleted."""
+    await prune_idempotency_keys(db, db.now())
     cutoff = db.now() - timedelta(seconds=older_than_s)
     total = 0
     while True:

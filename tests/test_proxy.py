@@ -1,0 +1,327 @@
+"""Creates through the relay, over real HTTP against the simulator, on SQLite and PostgreSQL:
+every answer of the contract's section, and what reaches the upstream.
+
+The relay runs with `role="api"` (nothing polls or delivers) unless a test needs the whole
+loop; the simulator logs every create it gets with its size, sha256 and header names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import select
+
+from relay.database import Database
+from relay.models import generations
+from relay.schemas import Subscription
+from relay.simulator import FakeUpstream
+from tests.apiclient import OTHER_PUBLIC_HOOK, PUBLIC_HOOK, expect_error, expect_subscription
+from tests.helpers import free_port, new_key, serve_receiver, wait_for
+from tests.proxy_support import MODEL_PATH, Rig, proxy_fixtures, rig
+
+upstream, proxy = proxy_fixtures()
+
+
+async def test_a_json_create_is_passed_through_and_subscribed(proxy: Rig) -> None:
+    """The upstream's status, content type and body come back verbatim, with the id of a
+    subscription to the new generation; the upstream got the body byte for byte."""
+    raw = b'{"prompt": "a cat",   "n": 2}'
+    answer = await proxy.create(content=raw, headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    body = answer.json()
+    assert (body["status"], body["input"]) == ("IN_QUEUE", {"prompt": "a cat", "n": 2})
+    (created,) = await proxy.upstream_creates()
+    assert created["id"] == body["id"]
+    assert created["path"] == MODEL_PATH
+    assert (created["bytes"], created["sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest())
+    sub_id = answer.headers["relay-subscription-id"]
+    (listed,) = await proxy.subscriptions()
+    sub = Subscription.model_validate(listed)
+    assert (sub.id, sub.generation_id, sub.callback_url) == (sub_id, body["id"], PUBLIC_HOOK)
+    assert (sub.status, sub.generation_status, sub.metadata) == ("active", "IN_QUEUE", None)
+
+
+async def test_metadata_is_stored_on_the_subscription(proxy: Rig) -> None:
+    """Relay-Metadata (JSON in UTF-8) becomes the subscription's metadata, exactly as sent."""
+    metadata = {"order": 42, "tags": ["a", "ü"], "nested": {"x": None}}
+    answer = await proxy.create(headers={"relay-metadata": orjson.dumps(metadata)})
+    assert answer.status_code == 200, answer.text
+    (listed,) = await proxy.subscriptions()
+    assert listed["metadata"] == metadata
+
+
+async def test_only_what_the_upstream_needs_is_forwarded(proxy: Rig) -> None:
+    """The relay's upstream key replaces the client's (the simulator accepts only the
+    relay's), and the client's other headers stay behind."""
+    answer = await proxy.create(
+        headers={
+            "cookie": "session=1",
+            "x-forwarded-for": "10.0.0.1",
+            "x-custom": "1",
+            "connection": "keep-alive, x-custom",
+            "relay-metadata": "{}",
+            "idempotency-key": "k-forwarding",
+        }
+    )
+    assert answer.status_code == 200, answer.text
+    (created,) = await proxy.upstream_creates()
+    assert set(created["header_names"]) <= {
+        "accept",
+        "authorization",
+        "content-length",
+        "content-type",
+        "host",
+        "user-agent",
+    }
+    assert "authorization" in created["header_names"]
+
+
+async def test_a_multipart_upload_is_streamed_byte_exact(proxy: Rig) -> None:
+    """A multipart body of several MiB, sent chunked, reaches the upstream byte for byte,
+    boundary included in its content type."""
+    boundary = "relay-test-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    payload = bytes(range(256)) * 4096 * 8  # 8 MiB
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    digest = hashlib.sha256(head + payload + tail).hexdigest()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield head
+        for start in range(0, len(payload), 65536):
+            yield payload[start : start + 65536]
+        yield tail
+
+    content_type = f"multipart/form-data; boundary={boundary}"
+    answer = await proxy.create(content=chunks(), headers={"content-type": content_type})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["relay-subscription-id"]
+    (created,) = await proxy.upstream_creates()
+    assert created["content_type"] == content_type
+    assert (created["bytes"], created["sha256"]) == (len(head + payload + tail), digest)
+
+
+@pytest.mark.parametrize(
+    ("headers", "field"),
+    [
+        ({"relay-callback-url": "http://127.0.0.1:9000/hook"}, "Relay-Callback-Url"),
+        ({"relay-callback-url": "ftp://93.184.216.34/hook"}, "Relay-Callback-Url"),
+        ({"relay-callback-url": "http://user:pw@93.184.216.34/"}, "Relay-Callback-Url"),
+        ({"relay-callback-url": "http://no-such-host.invalid/"}, "Relay-Callback-Url"),
+        ({"relay-metadata": "[1, 2]"}, "Relay-Metadata"),
+        ({"relay-metadata": "{not json"}, "Relay-Metadata"),
+        ({"relay-metadata": orjson.dumps({"x": "y" * 5000}).decode()}, "Relay-Metadata"),
+        ({"idempotency-key": "k" * 256}, "Idempotency-Key"),
+        ({"idempotency-key": "tab\tkey"}, "Idempotency-Key"),
+        ({"idempotency-key": ""}, "Idempotency-Key"),
+    ],
+)
+async def test_bad_relay_headers_are_refused_before_anything_is_forwarded(
+    proxy: Rig, headers: dict[str, str | bytes], field: str
+) -> None:
+    """A refused callback URL, bad metadata or a bad Idempotency-Key is 422 naming the header,
+    and the upstream never hears of the request (no credits spent)."""
+    sent: dict[str, str | bytes] = {"relay-callback-url": PUBLIC_HOOK, **headers}
+    answer = await proxy.create(callback_url=None, headers=sent)
+    error = expect_error(answer, 422, "validation_error")
+    assert error.error.details is not None
+    assert [d.field.split(".")[0] for d in error.error.details] == [field], answer.text
+    assert "the body" not in error.error.details[0].message
+    assert await proxy.upstream_creates() == []
+
+
+async def test_a_missing_callback_url_is_refused(proxy: Rig) -> None:
+    """Relay-Callback-Url is required: 422, nothing forwarded."""
+    answer = await proxy.create(callback_url=None)
+    error = expect_error(answer, 422, "validation_error")
+    assert error.error.details is not None
+    assert [(d.field, d.message) for d in error.error.details] == [
+        ("Relay-Callback-Url", "required")
+    ]
+    assert await proxy.upstream_creates() == []
+
+
+async def test_the_key_is_checked_first(proxy: Rig) -> None:
+    """No key, or an unknown one, is 401 even with bad headers; nothing is forwarded."""
+    expect_error(await proxy.relay.post(MODEL_PATH, content=b"{}"), 401, "unauthorized")
+    answer = await proxy.create(key="rk_unknown", callback_url="ftp://x")
+    expect_error(answer, 401, "unauthorized")
+    assert await proxy.upstream_creates() == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/generation/flux/",
+        "/v1/generation/flux/..",
+        "/v1/generation/flux/a%2F..%2F..%2Fx",
+        "/v1/generation/flux/a//b",
+        "/v1/generation/fl%20ux/dev",
+        "/v1/generation/sse/flux/dev",
+    ],
+)
+async def test_a_path_that_is_not_a_model_is_not_found(proxy: Rig, path: str) -> None:
+    """Paths that could leave the upstream's create path, and the streaming create (the
+    relay follows streams itself), are 404; nothing is forwarded."""
+    expect_error(await proxy.create(path=path), 404, "not_found")
+    assert await proxy.upstream_creates() == []
+
+
+async def test_a_declared_body_over_the_limit_is_refused_unread(
+    db_url: str, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """A Content-Length over RELAY_PROXY_MAX_BODY is 413 before the upstream is called."""
+    async with rig(db_url, upstream[1], proxy_max_body_bytes=1000) as proxy:
+        answer = await proxy.create(content=b"x" * 1001, headers={"content-type": "text/plain"})
+        error = expect_error(answer, 413, "payload_too_large")
+        assert "1000 bytes" in error.error.message
+        assert await proxy.upstream_creates() == []
+
+
+async def test_a_chunked_body_over_the_limit_is_cut_off_mid_stream(
+    db_url: str, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """A body sent without a length is counted as it streams: past the limit the upload to
+    the upstream is aborted (nothing created) and the client gets 413."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 20_000
+
+    async with rig(db_url, upstream[1], proxy_max_body_bytes=100_000) as proxy:
+        answer = await proxy.create(content=chunks(), headers={"content-type": "text/plain"})
+        expect_error(answer, 413, "payload_too_large")
+        assert [c for c in await proxy.upstream_creates() if c["id"] is not None] == []
+        assert await proxy.subscriptions() == []
+
+
+@pytest.mark.parametrize("status", [402, 422, 429, 500])
+async def test_upstream_refusals_pass_through_without_a_subscription(
+    proxy: Rig, status: int
+) -> None:
+    """402, 422, 429 (with its Retry-After) and 500 come back with the upstream's status and
+    body, and no subscription is made."""
+    await proxy.faults(create_refusal=status, retry_after_s=7)
+    answer = await proxy.create()
+    assert answer.status_code == status
+    (created,) = await proxy.upstream_creates()
+    assert created["status"] == status
+    body = answer.json()
+    assert set(body) >= {"error", "message"}, body
+    assert "relay-subscription-id" not in answer.headers
+    assert (answer.headers.get("retry-after") == "7") == (status == 429)
+    assert await proxy.subscriptions() == []
+
+
+async def test_an_accepted_create_without_an_id_is_502(proxy: Rig) -> None:
+    """A 2xx without a generation id cannot be subscribed to: 502 upstream_invalid_answer."""
+    await proxy.faults(create_without_id=True)
+    error = expect_error(await proxy.create(), 502, "upstream_invalid_answer")
+    assert "may have been created" in error.error.message
+    assert len(await proxy.upstream_creates()) == 1
+    assert await proxy.subscriptions() == []
+
+
+async def test_an_unreachable_upstream_is_502(db_url: str) -> None:
+    """Nothing listens at the upstream's address: 502 upstream_unavailable, and the message
+    says nothing was created."""
+    async with rig(db_url, f"http://127.0.0.1:{free_port()}", reset_upstream=False) as proxy:
+        error = expect_error(await proxy.create(), 502, "upstream_unavailable")
+        assert "nothing was created" in error.error.message
+        assert await proxy.subscriptions() == []
+
+
+async def test_an_upstream_that_does_not_answer_in_time_is_504(
+    db_url: str, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """The upstream takes longer than RELAY_UPSTREAM_TIMEOUT to answer: 504 upstream_timeout,
+    no subscription."""
+    async with rig(db_url, upstream[1], upstream_timeout_s=0.3) as proxy:
+        await proxy.faults(create_latency_s=1.0)
+        error = expect_error(await proxy.create(), 504, "upstream_timeout")
+        assert "may have been created" in error.error.message
+        assert await proxy.subscriptions() == []
+
+
+async def test_the_whole_loop_delivers_the_final_result(
+    db_url: str, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """Created through the relay, the generation is polled and its final result delivered
+    to Relay-Callback-Url, with the subscription's id."""
+    with serve_receiver() as receiver:
+        async with rig(db_url, upstream[1], role="all", allow_private_callbacks=True) as proxy:
+            answer = await proxy.create(callback_url=f"{receiver.url}/done")
+            assert answer.status_code == 200, answer.text
+            gen_id = answer.json()["id"]
+            finished = await proxy.upstream.post(f"/_fake/generations/{gen_id}/finish")
+            assert finished.status_code == 200, finished.text
+            await wait_for(lambda: receiver.on("/done"), timeout_s=20)
+            (hook,) = receiver.on("/done")
+            assert hook.headers["relay-subscription-id"] == answer.headers["relay-subscription-id"]
+            delivered: dict[str, Any] = orjson.loads(hook.body)
+            assert (delivered["id"], delivered["status"]) == (gen_id, finished.json()["status"])
+
+
+# --- Ownership ------------------------------------------------------------------------------
+
+
+async def test_a_generation_created_through_the_relay_belongs_to_its_key(proxy: Rig) -> None:
+    """Another key subscribing to it by id gets 404 not_found (nothing made); the creating
+    key may subscribe more callbacks; a generation created elsewhere stays open to all."""
+    answer = await proxy.create()
+    assert answer.status_code == 200, answer.text
+    gen_id = answer.json()["id"]
+    other = (await new_key(proxy.db_url, "other")).api_key
+
+    async def subscribe(key: str, generation_id: str, url: str) -> httpx.Response:
+        return await proxy.relay.post(
+            "/v1/subscriptions",
+            headers={"authorization": f"Bearer {key}"},
+            json={"generation_id": generation_id, "callback_url": url},
+        )
+
+    error = expect_error(await subscribe(other, gen_id, PUBLIC_HOOK), 404, "not_found")
+    assert "generation" in error.error.message
+    assert await proxy.subscriptions(other) == []
+    expect_subscription(await subscribe(proxy.key, gen_id, OTHER_PUBLIC_HOOK), 201)
+    assert len(await proxy.subscriptions()) == 2
+    expect_subscription(await subscribe(other, "gen_made_elsewhere", PUBLIC_HOOK), 201)
+    expect_subscription(await subscribe(proxy.key, "gen_made_elsewhere", PUBLIC_HOOK), 201)
+
+
+async def test_another_key_does_not_wake_an_owned_generation(proxy: Rig, db: Database) -> None:
+    """Once its owner canceled, an owned generation stays idle when another key asks for it
+    (404), and polls again when its owner subscribes anew."""
+    answer = await proxy.create()
+    gen_id = answer.json()["id"]
+    auth = {"authorization": f"Bearer {proxy.key}"}
+    sub_id = answer.headers["relay-subscription-id"]
+    canceled = await proxy.relay.delete(f"/v1/subscriptions/{sub_id}", headers=auth)
+    assert canceled.status_code == 200, canceled.text
+
+    async def state() -> str:
+        async with db.reader() as conn:
+            found = await conn.execute(
+                select(generations.c.state).where(generations.c.id == gen_id)
+            )
+            return str(found.scalar_one())
+
+    assert await state() == "idle"
+    other = (await new_key(proxy.db_url, "other")).api_key
+    body = {"generation_id": gen_id, "callback_url": PUBLIC_HOOK}
+    refused = await proxy.relay.post(
+        "/v1/subscriptions", headers={"authorization": f"Bearer {other}"}, json=body
+    )
+    expect_error(refused, 404, "not_found")
+    assert await state() == "idle"
+    again = await proxy.relay.post("/v1/subscriptions", headers=auth, json=body)
+    expect_subscription(again, 201)
+    assert await state() == "polling"
