@@ -14,6 +14,7 @@ from typing import Literal, TypedDict
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from relay import api, probes
@@ -21,6 +22,7 @@ from relay.api import ApiContext
 from relay.config import Settings
 from relay.database import open_database
 from relay.deliverer import Deliverer
+from relay.guards import LastResort
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
@@ -106,4 +108,5 @@ def create_app(
         routes=with_openapi(routes),
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(LastResort)],
     )

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay.schemas import BODY_MAX_BYTES
+from relay.schemas import BODY_MAX_BYTES, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 
 def parse_object(body: bytes) -> dict[str, Any]:
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        parsed = parse_json(body)
+    except ValueError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")

@@ -28,7 +28,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.upstream relay.resolver relay.sender",
         "relay.health relay.hints relay.draining relay.poller relay.deliverer",
         "relay.worker",
-        "relay.http relay.auth",
+        "relay.http relay.auth relay.guards",
         "relay.api relay.probes relay.openapi",
         "relay.app",
         "relay.cli",
@@ -36,7 +36,9 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
 )
 # The API's side and the worker's side are siblings: the API only queues work through the store
 # (and kicks a drain through callbacks app.py wires), it never imports what does the work.
-API_SIDE = frozenset(["relay.http", "relay.auth", "relay.api", "relay.probes", "relay.openapi"])
+API_SIDE = frozenset(
+    ["relay.http", "relay.auth", "relay.guards", "relay.api", "relay.probes", "relay.openapi"]
+)
 WORKER_SIDE = frozenset(
     [
         "relay.draining",
