@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+import yarl
 
 from relay import __version__
 from relay.retry import parse_retry_after
@@ -96,8 +97,12 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
 
+    def generation_url(self, generation_id: str) -> yarl.URL:
+        """`{base}/v1/generation/{id}` with the id as one opaque path segment."""
+        return generation_url(self._base, generation_id)
+
     async def poll(self, generation_id: str) -> PollResult:
-        url = f"{self._base}/v1/generation/{quote(generation_id, safe='')}"
+        url = self.generation_url(generation_id)
         try:
             async with self._get_session().get(url, allow_redirects=False) as response:
                 content = await _read_limited(response, MAX_BODY_BYTES)
@@ -112,6 +117,17 @@ class UpstreamClient:
             return PollResult(kind="error", error="upstream timed out")
         except (aiohttp.ClientError, OSError) as exc:
             return PollResult(kind="error", error=f"upstream unreachable: {type(exc).__name__}")
+
+
+def generation_url(base: str, generation_id: str) -> yarl.URL:
+    """The poll URL of a generation, whatever characters its id holds.
+
+    Every character outside RFC 3986's unreserved set is percent-encoded, and "." too, so no
+    id can be a dot segment ("." or "..") that a URL library or a server would resolve into
+    another path; the URL is handed to aiohttp as encoded, so it is sent exactly so.
+    """
+    segment = quote(generation_id, safe="").replace(".", "%2E")
+    return yarl.URL(f"{base}/v1/generation/{segment}", encoded=True)
 
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
