@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from relay import store
 from relay.addresses import CallbackURLError
-from relay.auth import Authenticator, unauthorized
+from relay.auth import Authenticator, client_address, unauthorized
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
@@ -41,7 +41,7 @@ from relay.http import (
     validate,
     validation_error,
 )
-from relay.resolver import vet_callback_url
+from relay.resolver import IntakeResolver
 from relay.schemas import (
     AttemptList,
     Subscription,
@@ -63,11 +63,14 @@ class ApiContext:
     health: UpstreamHealth | None
     on_polls_queued: Callable[[], None] = lambda: None
     on_deliveries_queued: Callable[[], None] = lambda: None
+    intake: IntakeResolver = field(default_factory=IntakeResolver)
     auth: Authenticator = field(init=False)
     creates: Batcher[store.CreateRequest, store.CreateResult] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.auth = Authenticator(self.db, self.settings.rate_limit_per_s)
+        self.auth = Authenticator(
+            self.db, self.settings.rate_limit_per_s, self.settings.auth_failure_limit_per_s
+        )
         self.creates = Batcher(self._write_creates, max_concurrent=4 if self.db.is_postgres else 1)
 
     async def _write_creates(
@@ -126,25 +129,26 @@ def attempt_json(row: Mapping[Any, Any]) -> dict[str, Any]:
 
 
 async def _create(
-    ctx: ApiContext, authorization: str, declared_length: str | None, body: AsyncIterator[bytes]
+    ctx: ApiContext,
+    authorization: str,
+    address: str,
+    declared_length: str | None,
+    body: AsyncIterator[bytes],
 ) -> tuple[int, dict[str, Any]]:
-    key_hash = ctx.auth.key_hash(authorization)
+    # The key first: an unknown or revoked key is refused before the body is read. The batch
+    # checks the key again in its transaction, so the cache cannot let a revoked key create.
+    caller = await ctx.auth.authenticate(authorization, address, cached=True)
+    payload = validate(SubscriptionCreate, parse_object(await read_body(declared_length, body)))
     try:
-        payload = validate(SubscriptionCreate, parse_object(await read_body(declared_length, body)))
-        try:
-            await vet_callback_url(
-                payload.callback_url, allow_private=ctx.settings.allow_private_callbacks
-            )
-        except CallbackURLError as exc:
-            raise validation_error([{"field": "callback_url", "message": str(exc)}]) from None
-    except ApiError:
-        # Bad input from an unknown or revoked key is still a 401 first.
-        await ctx.auth.key_id(key_hash)
-        raise
+        await ctx.intake.vet(
+            payload.callback_url, allow_private=ctx.settings.allow_private_callbacks
+        )
+    except CallbackURLError as exc:
+        raise validation_error([{"field": "callback_url", "message": str(exc)}]) from None
     metadata = payload.metadata
     result = await ctx.creates.submit(
         store.CreateRequest(
-            key_hash=key_hash,
+            key_hash=caller.key_hash,
             generation_id=payload.generation_id,
             callback_url=payload.callback_url,
             metadata_json=orjson.dumps(metadata).decode() if metadata is not None else None,
@@ -169,7 +173,9 @@ class CreateSubscription:
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
                 declared = value.decode("latin-1")
-        status, content = await _create(ctx, authorization, declared, body_chunks(receive))
+        status, content = await _create(
+            ctx, authorization, client_address(scope), declared, body_chunks(receive)
+        )
         body = orjson.dumps(content)
         await send(
             {
@@ -187,6 +193,13 @@ class CreateSubscription:
 # --- The other routes -----------------------------------------------------------------------
 
 
+async def _key_id(request: Request) -> str:
+    """The caller's key id, looked up now (a key revoked a moment ago is refused)."""
+    authorization = request.headers.get("authorization", "")
+    caller = await context(request).auth.authenticate(authorization, client_address(request.scope))
+    return caller.key_id
+
+
 def _not_found() -> ApiError:
     return ApiError(404, "not_found", "no such subscription")
 
@@ -196,7 +209,7 @@ async def _owned(
 ) -> T:
     """`lookup` of the subscription in the path, for the caller's key; 404 if not theirs."""
     ctx = context(request)
-    key_id = await ctx.auth.authenticate(request.headers.get("authorization", ""))
+    key_id = await _key_id(request)
     try:
         sub_id = SubscriptionPath.model_validate(request.path_params).id
     except ValidationError:
@@ -235,7 +248,7 @@ async def redeliver(request: Request) -> Response:
 
 async def list_subscriptions(request: Request) -> Response:
     ctx = context(request)
-    key_id = await ctx.auth.authenticate(request.headers.get("authorization", ""))
+    key_id = await _key_id(request)
     query = parse_query(SubscriptionListQuery, request)
     rows, more = await store.list_subscriptions(
         ctx.db,

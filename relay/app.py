@@ -28,6 +28,7 @@ from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
 from relay.openapi import with_openapi
 from relay.poller import Poller
+from relay.resolver import IntakeResolver
 from relay.sender import AiohttpSender, CallbackSender
 from relay.upstream import UpstreamClient
 from relay.worker import Worker
@@ -47,6 +48,7 @@ def create_app(
     role: Role = "all",
     upstream_connector: aiohttp.BaseConnector | None = None,
     sender: CallbackSender | None = None,
+    intake_resolver: IntakeResolver | None = None,
 ) -> Starlette:
     """The relay as an ASGI app; migrations must already be applied (the CLI does it)."""
 
@@ -84,7 +86,8 @@ def create_app(
             )
             worker = Worker(db, settings, poller, deliverer)
             worker.start()
-        context = ApiContext(db=db, settings=settings, health=health)
+        intake = intake_resolver or IntakeResolver()
+        context = ApiContext(db=db, settings=settings, health=health, intake=intake)
         if worker is not None:
             context.on_polls_queued = worker.kick_poller
             context.on_deliveries_queued = worker.kick_deliverer
@@ -99,6 +102,7 @@ def create_app(
                 await upstream.aclose()
             if callback_sender is not None:
                 await callback_sender.aclose()
+            await intake.close()
             await db.dispose()
             logger.info("relay stopped: node=%s", owner)
 

@@ -40,6 +40,7 @@ class Settings:
     delivery_retry_schedule_s: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE_S
     allow_private_callbacks: bool = False
     rate_limit_per_s: float = 1000.0
+    auth_failure_limit_per_s: float = 20.0
     # Beyond the contract's table: operational knobs with safe defaults.
     lease_s: float = 30.0
     retention_s: float = 7 * 86400.0
@@ -71,6 +72,9 @@ class Settings:
             ),
             allow_private_callbacks=reader.get("RELAY_ALLOW_PRIVATE_CALLBACKS", False, _bool),
             rate_limit_per_s=reader.get("RELAY_RATE_LIMIT", 1000.0, _non_negative_number),
+            auth_failure_limit_per_s=reader.get(
+                "RELAY_AUTH_FAILURE_LIMIT", 20.0, _non_negative_number
+            ),
             lease_s=reader.get("RELAY_LEASE", 30.0, _lease),
             retention_s=reader.get("RELAY_RETENTION", 7 * 86400.0, _positive_seconds),
             delivery_concurrency=reader.get("RELAY_DELIVERY_CONCURRENCY", 256, _positive_int),

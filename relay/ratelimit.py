@@ -1,4 +1,5 @@
-"""Token buckets: the upstream's request cap (per process) and each client key's API limit."""
+"""Token buckets: the upstream's request cap (per process), each client key's API limit, and
+each client address's allowance of requests with unknown or revoked keys."""
 
 from __future__ import annotations
 
@@ -23,13 +24,19 @@ class TokenBucket:
 
     def try_take(self) -> float:
         """Take a token: 0.0 if taken, else the seconds to wait before one is there."""
+        wait_s = self.peek()
+        if wait_s == 0.0:
+            self._tokens -= 1.0
+        return wait_s
+
+    def peek(self) -> float:
+        """0.0 if a token is there (none is taken), else the seconds to wait for one."""
         now = self._clock()
         if now < self._paused_until:
             return self._paused_until - now
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
         if self._tokens >= 1.0:
-            self._tokens -= 1.0
             return 0.0
         return (1.0 - self._tokens) / self.rate
 
@@ -44,13 +51,19 @@ class TokenBucket:
 
 
 class KeyedLimiter:
-    """One bucket per client key, bounded in memory (least recently used keys are dropped)."""
+    """One bucket per key (a client key's id, a client address), bounded in memory: least
+    recently used keys are dropped, which only ever gives a dropped key a full bucket again."""
 
     def __init__(self, rate: float, burst: float, max_keys: int = 10_000) -> None:
         self.rate = rate
         self.burst = burst
         self._max_keys = max_keys
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def peek(self, key: str) -> float:
+        """What `check` would answer, without taking a token (or making a bucket)."""
+        bucket = self._buckets.get(key)
+        return 0.0 if bucket is None else bucket.peek()
 
     def check(self, key: str) -> float:
         """0.0 if the request may go on, else the seconds the client should wait."""
