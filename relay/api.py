@@ -277,7 +277,7 @@ CREATE = Operation(
         201: Answer("created", Subscription, links=_BY_ID),
         200: Answer("an identical active subscription exists", Subscription, links=_BY_ID),
     },
-    errors=(400, 401, 413, 422, 429),
+    errors=(400, 401, 408, 413, 422, 429),
 )
 LIST = Operation(
     "listSubscriptions",

@@ -22,7 +22,7 @@ from relay.api import ApiContext
 from relay.config import Settings
 from relay.database import open_database
 from relay.deliverer import Deliverer
-from relay.guards import LastResort
+from relay.guards import BodyDeadline, LastResort
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
 from relay.ids import new_id
@@ -68,6 +68,7 @@ def create_app(
                 settings.upstream_api_key,
                 timeout_s=settings.upstream_timeout_s,
                 max_connections=settings.poll_concurrency,
+                max_body_bytes=settings.upstream_max_body_bytes,
                 connector=upstream_connector,
             )
             callback_sender = sender or AiohttpSender(
@@ -112,5 +113,8 @@ def create_app(
         routes=with_openapi(routes),
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(LastResort)],
+        middleware=[
+            Middleware(LastResort),
+            Middleware(BodyDeadline, timeout_s=settings.body_timeout_s),
+        ],
     )

@@ -138,6 +138,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         # relay is not behind a proxy it trusts by default, and the headers cost per request
         proxy_headers=False,
         server_header=False,
+        # Beyond this many open connections (or requests in flight) a request gets 503.
+        limit_concurrency=settings.max_connections,
     )
     logger.info("listening on http://%s:%d (role %s)", host, sock.getsockname()[1], args.role)
     try:

@@ -47,6 +47,9 @@ class Settings:
     delivery_concurrency: int = 256
     delivery_per_host: int = 16
     poll_concurrency: int = 64
+    upstream_max_body_bytes: int = 2**20
+    max_connections: int = 1024
+    body_timeout_s: float = 10.0
     log_level: str = "INFO"
 
     @classmethod
@@ -80,6 +83,9 @@ class Settings:
             delivery_concurrency=reader.get("RELAY_DELIVERY_CONCURRENCY", 256, _positive_int),
             delivery_per_host=reader.get("RELAY_DELIVERY_PER_HOST", 16, _positive_int),
             poll_concurrency=reader.get("RELAY_POLL_CONCURRENCY", 64, _positive_int),
+            upstream_max_body_bytes=reader.get("RELAY_UPSTREAM_MAX_BODY", 2**20, _positive_int),
+            max_connections=reader.get("RELAY_MAX_CONNECTIONS", 1024, _positive_int),
+            body_timeout_s=reader.get("RELAY_BODY_TIMEOUT", 10.0, _positive_seconds),
             log_level=reader.get("RELAY_LOG_LEVEL", "INFO", _log_level),
         )
         if settings.poll_max_interval_s < settings.poll_min_interval_s:

@@ -4,12 +4,16 @@
   time for each kind, one line after that) and answered 500 `internal_error` in the
   contract's error shape, so a client never sees a bare server error page and the log is not
   flooded by a client who found a way to repeat one.
+- `BodyDeadline`: a request body must arrive within `timeout_s` of the request's start, or
+  the request is answered 408 `request_timeout`: a client trickling its body cannot hold a
+  connection and a handler for as long as it likes.
 
 No route logic here; the answers are http.py's `ApiError` shapes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import traceback
 
@@ -63,3 +67,40 @@ class LastResort:
         if len(self._seen) < _SEEN_MAX:
             self._seen.add(kind)
         logger.error("unexpected error answering %s %s", method, path, exc_info=exc)
+
+
+class BodyDeadline:
+    """Refuse with 408 a request whose body has not fully arrived `timeout_s` after it began."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                # Past the body only a disconnect can come, and waiting for it is no abuse.
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive within {self.timeout_s:g} s",
+                    headers={"connection": "close"},
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)

@@ -24,6 +24,7 @@ _ERRORS = {
     400: "invalid_json: the body is not JSON, or not an object",
     401: "unauthorized: no key, unknown key, revoked key",
     404: "not_found: no such subscription for this key",
+    408: "request_timeout: the body did not arrive within RELAY_BODY_TIMEOUT",
     409: "conflict: nothing to redeliver",
     413: f"payload_too_large: body over {BODY_MAX_BYTES // 1024} KiB",
     422: "validation_error: `details` lists each field and why",

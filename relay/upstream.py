@@ -39,7 +39,9 @@ _ALIASES = {
     "PROCESSING": "IN_PROGRESS",
 }
 
-MAX_BODY_BYTES = 16 * 2**20  # a final result is a small JSON object; refuse a runaway body
+# A final result is a small JSON object with URLs: refuse a runaway body (up to
+# RELAY_POLL_CONCURRENCY are read at once). RELAY_UPSTREAM_MAX_BODY changes it.
+MAX_BODY_BYTES = 2**20
 
 PollKind = Literal["ok", "not_found", "unauthorized", "rate_limited", "error"]
 
@@ -71,6 +73,7 @@ class UpstreamClient:
         *,
         timeout_s: float,
         max_connections: int = 64,
+        max_body_bytes: int = MAX_BODY_BYTES,
         connector: aiohttp.BaseConnector | None = None,
     ) -> None:
         self._headers = {"accept": "application/json", "user-agent": f"relay/{__version__}"}
@@ -79,6 +82,7 @@ class UpstreamClient:
         self._base = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_connections = max_connections
+        self._max_body_bytes = max_body_bytes
         self._connector = connector
         self._session: aiohttp.ClientSession | None = None
 
@@ -105,12 +109,12 @@ class UpstreamClient:
         url = self.generation_url(generation_id)
         try:
             async with self._get_session().get(url, allow_redirects=False) as response:
-                content = await _read_limited(response, MAX_BODY_BYTES)
+                content = await _read_limited(response, self._max_body_bytes)
                 if content is None:
                     return PollResult(
                         kind="error",
                         http_status=response.status,
-                        error=f"upstream body over {MAX_BODY_BYTES // 2**20} MiB",
+                        error=f"upstream body over {self._max_body_bytes} bytes",
                     )
                 return classify(response.status, content, response.headers.get("retry-after"))
         except TimeoutError:

@@ -76,3 +76,31 @@ async def test_no_id_changes_the_path_the_client_sends(generation_id: str) -> No
     assert "/" not in segment and "?" not in segment and "#" not in segment, target
     assert "." not in segment, target
     assert unquote(segment) == generation_id
+
+
+def _ok_body(size: int) -> bytes:
+    body = b'{"id": "gen_big", "status": "COMPLETED", "pad": "' + b"x" * size + b'"}'
+    head = f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+async def test_an_upstream_body_over_the_cap_is_refused_unread() -> None:
+    """By default a poll reads at most 1 MiB: a 1.5 MiB answer is an error, a 0.9 MiB one is
+    kept; RELAY_UPSTREAM_MAX_BODY (max_body_bytes) moves the cap."""
+    for size, max_body, kind in [
+        (1536 * 1024, None, "error"),
+        (900 * 1024, None, "ok"),
+        (900 * 1024, 512 * 1024, "error"),
+    ]:
+        async with raw_server(_ok_body(size)) as (base, _):
+            if max_body is None:
+                client = UpstreamClient(base, "k", timeout_s=5)
+            else:
+                client = UpstreamClient(base, "k", timeout_s=5, max_body_bytes=max_body)
+            try:
+                result = await client.poll("gen_big")
+            finally:
+                await client.aclose()
+        assert result.kind == kind, (size, max_body, result.error)
+        if kind == "error":
+            assert result.error is not None and "upstream body over" in result.error
