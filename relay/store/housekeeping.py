@@ -1,8 +1,8 @@
 """Housekeeping: prune finished subscriptions, their deliveries and attempts, and finished
 generations nobody subscribes to, once they are older than the retention period.
 
-Owns deleting old rows. Never touches an active subscription or a polling
-generation; one node prunes at a time (an advisory lock on PostgreSQL).
+Owns deleting old rows. Never touches an active subscription, one with a pending delivery,
+or a polling generation; one node prunes at a time (an advisory lock on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
 from relay.models import (
+    DeliveryStatus,
     GenerationState,
     SubscriptionStatus,
     deliveries,
@@ -59,6 +60,13 @@ async def _prune_subscriptions(
     finished = (
         subscriptions.c.status != SubscriptionStatus.ACTIVE,
         subscriptions.c.updated_at < cutoff,
+        # Never one with a delivery still to send (a redelivery of an old subscription).
+        ~select(deliveries.c.id)
+        .where(
+            deliveries.c.subscription_id == subscriptions.c.id,
+            deliveries.c.status == DeliveryStatus.PENDING,
+        )
+        .exists(),
     )
     # Locked, so a redelivery cannot revive one of them while it is being deleted.
     ids = (
