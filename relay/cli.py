@@ -202,9 +202,13 @@ def _keys(settings: Settings, args: argparse.Namespace) -> None:
                         state = f"revoked {item['revoked_at']}" if item["revoked_at"] else "active"
                         print(f"{item['id']}  {item['key_prefix']}...  {item['name']}  ({state})")
             elif args.keys_command == "revoke":
-                if not await store.revoke_key(db, args.id):
+                revoked = await store.revoke_key(db, args.id)
+                if revoked is None:
                     raise ConfigError("ID", f"no key with id {args.id}")
-                print(f"revoked {args.id}")
+                print(
+                    f"revoked {args.id}: {revoked.subscriptions_canceled} active subscriptions "
+                    f"canceled, {revoked.generations_stopped} generations no longer polled"
+                )
         finally:
             await db.dispose()
 

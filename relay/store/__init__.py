@@ -7,8 +7,9 @@ other. Every completion checks that the caller still owns the lease, so a proces
 ran out cannot overwrite the work of the one that took over. The pattern is written once, in
 _leases.py, for both leased tables.
 
-Lock order, for every writer that takes more than one: generation, then deliveries, then
-subscriptions (create, cancel, record a poll, record attempts, redeliver). Nodes therefore
+Lock order, for every writer that takes more than one: key, then generation, then
+deliveries, then subscriptions (create, cancel, revoke, record a poll, record attempts,
+redeliver; a create holds its keys shared, a revocation its key exclusively). Nodes therefore
 do not deadlock on each other in the common paths, and a transaction that still loses such a
 race is retried whole (`_sql.retrying`). A subscription cannot be left active on a generation
 that stopped polling: create and cancel both lock the generation row first.
@@ -46,7 +47,15 @@ from relay.store.generations import (
     renew_generation_leases,
 )
 from relay.store.housekeeping import prune
-from relay.store.keys import NewKey, authenticate, create_key, hash_api_key, list_keys, revoke_key
+from relay.store.keys import (
+    NewKey,
+    Revoked,
+    authenticate,
+    create_key,
+    hash_api_key,
+    list_keys,
+    revoke_key,
+)
 from relay.store.subscriptions import (
     RedeliverConflict,
     cancel_subscription,
@@ -67,6 +76,7 @@ __all__ = [
     "NewKey",
     "PollRecord",
     "RedeliverConflict",
+    "Revoked",
     "authenticate",
     "cancel_subscription",
     "claim_due_deliveries",

@@ -75,12 +75,15 @@ async def _create_subscriptions(
 ) -> CreateBatchOutcome:
     outcome = CreateBatchOutcome(results=[])
     hashes = {r.key_hash for r in requests}
-    key_rows = await conn.execute(
-        select(api_keys.c.key_hash, api_keys.c.id).where(
-            any_of(api_keys.c.key_hash, sorted(hashes), postgres),
-            api_keys.c.revoked_at.is_(None),
-        )
+    live_keys = select(api_keys.c.key_hash, api_keys.c.id).where(
+        any_of(api_keys.c.key_hash, sorted(hashes), postgres),
+        api_keys.c.revoked_at.is_(None),
     )
+    if postgres:
+        # Shared, so creates never wait on each other; a revocation (which takes the row
+        # for update) waits for this batch, then cancels what it made, or goes first.
+        live_keys = live_keys.order_by(api_keys.c.id).with_for_update(read=True)
+    key_rows = await conn.execute(live_keys)
     key_ids: dict[str, str] = {row.key_hash: row.id for row in key_rows}
 
     valid = [r for r in requests if r.key_hash in key_ids]

@@ -126,6 +126,33 @@ async def record_polls(db: Database, owner: str, records: Sequence[PollRecord]) 
     return await retrying(lambda: _record_polls_once(db, owner, records))
 
 
+async def idle_unwatched(
+    conn: AsyncConnection, gen_ids: Sequence[str], now: datetime, postgres: bool
+) -> int:
+    """Stop polling those of `gen_ids` no active subscription watches any more (after a
+    revocation); returns how many stopped."""
+    if not gen_ids:
+        return 0
+    watched = (
+        select(subscriptions.c.id)
+        .where(
+            subscriptions.c.generation_id == generations.c.id,
+            subscriptions.c.status == SubscriptionStatus.ACTIVE,
+        )
+        .exists()
+    )
+    result = await conn.execute(
+        update(generations)
+        .where(
+            any_of(generations.c.id, gen_ids, postgres),
+            generations.c.state == GenerationState.POLLING,
+            ~watched,
+        )
+        .values(state=GenerationState.IDLE, next_poll_at=None, lease_owner=None, updated_at=now)
+    )
+    return int(result.rowcount)
+
+
 async def idle_if_unwatched(conn: AsyncConnection, gen_id: str, now: datetime) -> None:
     """Stop polling the generation if no active subscription is left (after a cancel)."""
     active = (

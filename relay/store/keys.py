@@ -1,6 +1,7 @@
-"""API keys: create, list, revoke, and authenticate by hash.
+"""API keys: create, list, revoke (which stops the key's work), and authenticate by hash.
 
-Owns the `api_keys` table. No table holds a usable key: only its SHA-256 hash and a prefix
+Owns the `api_keys` table, and what a revocation writes to the key's subscriptions,
+deliveries and generations. No table holds a usable key: only its SHA-256 hash and a prefix
 for operators. The signing secret is stored in the clear (HMAC needs it) and is returned once,
 at creation; nothing here ever logs a key or a secret.
 """
@@ -16,8 +17,17 @@ from sqlalchemy.engine import RowMapping
 
 from relay.database import Database
 from relay.ids import new_id
-from relay.models import api_keys
+from relay.models import (
+    DeliveryStatus,
+    SubscriptionStatus,
+    api_keys,
+    deliveries,
+    generations,
+    subscriptions,
+)
 from relay.signing import generate_secret
+from relay.store._sql import any_of, retrying
+from relay.store.generations import idle_unwatched
 
 
 def hash_api_key(api_key: str) -> str:
@@ -63,18 +73,89 @@ async def list_keys(db: Database) -> list[RowMapping]:
         return list((await conn.execute(query)).mappings())
 
 
-async def revoke_key(db: Database, key_id: str) -> bool:
-    """Revoke a key at once; False if there is no such key. Revoking twice is not an error."""
+@dataclass(frozen=True)
+class Revoked:
+    """What a revocation stopped."""
+
+    subscriptions_canceled: int
+    generations_stopped: int
+
+
+REVOKED_ERROR = "key revoked"
+
+
+async def revoke_key(db: Database, key_id: str) -> Revoked | None:
+    """Revoke a key and stop its work, in one transaction; None if there is no such key.
+
+    Its active subscriptions become `canceled` with last_error "key revoked", its pending
+    deliveries are canceled (an attempt already in flight may finish; its outcome changes
+    nothing), and generations no other key's active subscription watches stop being polled.
+    Revoking twice is not an error.
+    """
+    return await retrying(lambda: _revoke_once(db, key_id))
+
+
+async def _revoke_once(db: Database, key_id: str) -> Revoked | None:
+    now = db.now()
+    postgres = db.is_postgres
     async with db.transaction() as conn:
-        found = (await conn.execute(select(api_keys.c.id).where(api_keys.c.id == key_id))).first()
-        if found is None:
-            return False
+        # The key row first (the lock order): a create batch holds it shared while it checks
+        # the key and inserts, so none can slip an active subscription past this revocation.
+        found = select(api_keys.c.id).where(api_keys.c.id == key_id)
+        if postgres:
+            found = found.with_for_update()
+        if (await conn.execute(found)).first() is None:
+            return None
         await conn.execute(
             update(api_keys)
             .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=db.now())
+            .values(revoked_at=now)
         )
-    return True
+        mine = subscriptions.c.api_key_id == key_id
+        active = mine & (subscriptions.c.status == SubscriptionStatus.ACTIVE)
+        gen_ids = list(
+            (
+                await conn.execute(
+                    select(subscriptions.c.generation_id)
+                    .where(active)
+                    .distinct()
+                    .order_by(subscriptions.c.generation_id)
+                )
+            ).scalars()
+        )
+        if postgres and gen_ids:
+            # Then generations, deliveries, subscriptions: the order every writer keeps.
+            await conn.execute(
+                select(generations.c.id)
+                .where(any_of(generations.c.id, gen_ids, postgres))
+                .order_by(generations.c.id)
+                .with_for_update()
+            )
+        pending = (
+            deliveries.c.status == DeliveryStatus.PENDING
+        ) & deliveries.c.subscription_id.in_(select(subscriptions.c.id).where(mine))
+        if postgres:
+            await conn.execute(
+                select(deliveries.c.id).where(pending).order_by(deliveries.c.id).with_for_update()
+            )
+        await conn.execute(
+            update(deliveries)
+            .where(pending)
+            .values(
+                status=DeliveryStatus.CANCELED,
+                next_attempt_at=None,
+                lease_owner=None,
+                last_error=REVOKED_ERROR,
+                updated_at=now,
+            )
+        )
+        canceled = await conn.execute(
+            update(subscriptions)
+            .where(active)
+            .values(status=SubscriptionStatus.CANCELED, last_error=REVOKED_ERROR, updated_at=now)
+        )
+        stopped = await idle_unwatched(conn, gen_ids, now, postgres)
+    return Revoked(int(canceled.rowcount), stopped)
 
 
 async def authenticate(db: Database, key_hash: str) -> str | None:
