@@ -54,7 +54,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        db = open_database(settings.database_url)
+        db = open_database(settings.database_url, secret_key=settings.secret_key)
         await db.sync_clock()
         owner = new_id("node")
         worker: Worker | None = None

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
 
+SECRET_KEY_MIN_CHARS = 32
+
 T = TypeVar("T")
 
 DEFAULT_RETRY_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -30,6 +32,8 @@ class Settings:
     upstream_url: str = "https://open.skills.video/api"
     # Kept out of repr so a logged or printed Settings never shows the secret.
     upstream_api_key: str | None = field(default=None, repr=False)
+    # Seals the signing secrets at rest (secretbox.py); never shown.
+    secret_key: str | None = field(default=None, repr=False)
     upstream_timeout_s: float = 20.0
     upstream_max_rps: float = 50.0
     poll_min_interval_s: float = 2.0
@@ -63,6 +67,7 @@ class Settings:
             port=reader.get("RELAY_PORT", cls.port, _port),
             upstream_url=reader.get("RELAY_UPSTREAM_URL", cls.upstream_url, _http_url),
             upstream_api_key=reader.get("RELAY_UPSTREAM_API_KEY", None, _non_empty),
+            secret_key=reader.get("RELAY_SECRET_KEY", None, _secret_key),
             upstream_timeout_s=reader.get("RELAY_UPSTREAM_TIMEOUT", 20.0, _positive_seconds),
             upstream_max_rps=reader.get("RELAY_UPSTREAM_MAX_RPS", 50.0, _positive_number),
             poll_min_interval_s=reader.get("RELAY_POLL_MIN_INTERVAL", 2.0, _positive_seconds),
@@ -165,6 +170,15 @@ def _positive_int(raw: str) -> int:
     if value <= 0:
         raise ValueError("must be greater than 0")
     return value
+
+
+def _secret_key(raw: str) -> str:
+    if len(raw) < SECRET_KEY_MIN_CHARS:
+        raise ValueError(
+            f"must be at least {SECRET_KEY_MIN_CHARS} characters, e.g. the output of "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return raw
 
 
 def _port(raw: str) -> int:

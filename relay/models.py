@@ -1,7 +1,8 @@
 """The relay's tables, as SQLAlchemy Core: the schema every query and migration agrees on.
 
 Readable by operators with plain SQL: statuses are words, times are UTC, bodies are the JSON
-text as received. No table holds a usable API key (only SHA-256 hashes of random keys).
+text as received. No table holds a usable API key (only SHA-256 hashes of random keys), nor a signing secret in
+the clear (they are sealed under RELAY_SECRET_KEY).
 
 Scheduling columns double as leases: a claimed generation's `next_poll_at` (a delivery's
 `next_attempt_at`) is pushed to the end of its lease and `lease_owner` names the claimer, so a
@@ -117,8 +118,12 @@ api_keys = Table(
     Column("name", String(200), nullable=False),
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("key_prefix", String(16), nullable=False),
-    # Needed in the clear to sign callbacks (HMAC): the one secret that cannot be hashed.
+    # HMAC needs the signing secret itself, so it cannot be hashed: it is sealed under
+    # RELAY_SECRET_KEY (secretbox.py, "v1:..."), never stored in the clear. While a secret is
+    # rotated, the one it replaced signs too, until previous_secret_until.
     Column("signing_secret", Text, nullable=False),
+    Column("previous_signing_secret", Text, nullable=True),
+    Column("previous_secret_until", UTCDateTime(), nullable=True),
     _now_column("created_at"),
     Column("revoked_at", UTCDateTime(), nullable=True),
 )

@@ -20,7 +20,6 @@ import pytest
 
 from relay import migrate, store
 from relay.app import create_app
-from relay.database import open_database
 from relay.schemas import AttemptList, ErrorBody, Health, Readiness, SubscriptionList
 from tests.apiclient import (
     OTHER_PUBLIC_HOOK,
@@ -40,6 +39,7 @@ from tests.helpers import (
     drop_pg_database,
     fast_settings,
     new_key,
+    open_test_database,
 )
 
 
@@ -80,7 +80,7 @@ def module_db_url(
 
 async def _seed(db_url: str) -> tuple[str, str, str]:
     """(a live key, a revoked key, a subscription id of a third key)."""
-    db = open_database(db_url)
+    db = open_test_database(db_url)
     try:
         live = await store.create_key(db, "table")
         revoked = await store.create_key(db, "revoked")
@@ -330,7 +330,7 @@ async def test_revoked_key_is_refused_at_once(api: Api, served: Served) -> None:
     """The request right after store.revoke_key is 401, with no restart or cache delay."""
     new = await new_key(served.db_url, "to-revoke")
     expect(await api.request("GET", "/v1/subscriptions", key=new.api_key), 200, SubscriptionList)
-    db = open_database(served.db_url)
+    db = open_test_database(served.db_url)
     try:
         assert await store.revoke_key(db, new.id)
     finally:

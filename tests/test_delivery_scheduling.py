@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import insert, update
 
 from relay import store
-from relay.database import Database, open_database
+from relay.database import Database
 from relay.models import (
     CallbackEvent,
     DeliveryStatus,
@@ -42,7 +42,7 @@ from tests.delivery import (
     subscribe,
     wait_status,
 )
-from tests.helpers import fast_settings, new_key, wait_for
+from tests.helpers import fast_settings, new_key, open_test_database, wait_for
 from tests.senders import HANG, Answer, ScriptedSender
 
 RECEIVER = "https://receiver.test"  # never connected to: the scripted sender answers
@@ -340,7 +340,7 @@ async def test_redeliver_past_retention_is_never_pruned_before_it_is_sent(
         assert answer.status_code == 202, answer.text
         assert answer.json()["status"] == "active"
         assert answer.json()["updated_at"] >= delivered["updated_at"]
-        db = open_database(db_url)
+        db = open_test_database(db_url)
         try:
             await store.prune(db, settings.retention_s)
         finally:

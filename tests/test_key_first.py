@@ -17,13 +17,19 @@ import httpx
 
 from relay import migrate, store
 from relay.app import create_app
-from relay.database import open_database
 from relay.resolver import IntakeResolver
 from relay.sender import AiohttpSender
 from relay.simulator import FakeUpstream
 from tests.apiclient import PUBLIC_HOOK, expect_error
 from tests.delivery import final_generation
-from tests.helpers import Receiver, fast_settings, new_key, serve_in_thread, wait_for
+from tests.helpers import (
+    Receiver,
+    fast_settings,
+    new_key,
+    open_test_database,
+    serve_in_thread,
+    wait_for,
+)
 
 SUBS = "/v1/subscriptions"
 
@@ -51,7 +57,7 @@ async def test_an_unknown_or_revoked_key_is_refused_before_its_body_is_sent(db_u
     been sent; a live key's create waits for the body."""
     revoked = await new_key(db_url, "revoked")
     live = await new_key(db_url, "live")
-    db = open_database(db_url)
+    db = open_test_database(db_url)
     try:
         assert await store.revoke_key(db, revoked.id)
     finally:
@@ -143,7 +149,7 @@ async def test_intake_dns_that_never_answers_holds_up_no_delivery(
     key = await new_key(db_url)
     gen = final_generation(sim, "gen_dns")
     # The subscription was accepted earlier by a relay allowing private callbacks.
-    db = open_database(db_url)
+    db = open_test_database(db_url)
     try:
         hook = receiver.url.replace("127.0.0.1", "localhost") + "/hook"
         request = store.CreateRequest(store.hash_api_key(key.api_key), gen.id, hook, None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 from relay import store
-from relay.database import open_database
 from relay.simulator import FakeUpstream
 from tests.delivery import (
     final_generation,
@@ -16,7 +15,7 @@ from tests.delivery import (
     subscribe,
     wait_status,
 )
-from tests.helpers import Receiver, fast_settings, new_key, wait_for
+from tests.helpers import Receiver, fast_settings, new_key, open_test_database, wait_for
 
 
 async def test_revocation_cancels_subscriptions_stops_sends_and_polls(
@@ -48,7 +47,7 @@ async def test_revocation_cancels_subscriptions_stops_sends_and_polls(
         await wait_for(lambda: len(receiver.on("/a-fails")) >= 2, timeout_s=10)
         await wait_for(lambda: sim.poll_count(only_a.id) >= 2, timeout_s=10)
 
-        db = open_database(db_url)
+        db = open_test_database(db_url)
         try:
             revoked = await store.revoke_key(db, a.id)
             assert revoked is not None

@@ -50,11 +50,15 @@ from relay.store.housekeeping import prune
 from relay.store.keys import (
     NewKey,
     Revoked,
+    RotatedSecret,
     authenticate,
+    check_secret_key,
     create_key,
     hash_api_key,
     list_keys,
+    reset_secrets,
     revoke_key,
+    rotate_secret,
 )
 from relay.store.subscriptions import (
     RedeliverConflict,
@@ -77,8 +81,10 @@ __all__ = [
     "PollRecord",
     "RedeliverConflict",
     "Revoked",
+    "RotatedSecret",
     "authenticate",
     "cancel_subscription",
+    "check_secret_key",
     "claim_due_deliveries",
     "claim_due_generations",
     "create_key",
@@ -96,6 +102,8 @@ __all__ = [
     "release_deliveries",
     "renew_delivery_leases",
     "renew_generation_leases",
+    "reset_secrets",
     "revoke_key",
+    "rotate_secret",
     "storable",
 ]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import RowMapping
 
 from relay.database import Database
@@ -40,13 +41,15 @@ def hash_api_key(api_key: str) -> str:
 class NewKey:
     id: str
     name: str
-    api_key: str
-    signing_secret: str
+    api_key: str = field(repr=False)
+    signing_secret: str = field(repr=False)
 
 
 async def create_key(db: Database, name: str) -> NewKey:
+    """A new key; its signing secret is stored sealed (db.secrets), returned in the clear."""
     api_key = "rk_" + secrets.token_urlsafe(32)
     key = NewKey(id=new_id("key"), name=name, api_key=api_key, signing_secret=generate_secret())
+    sealed = db.secrets.seal(key.signing_secret, key.id)
     async with db.transaction() as conn:
         await conn.execute(
             insert(api_keys).values(
@@ -54,11 +57,95 @@ async def create_key(db: Database, name: str) -> NewKey:
                 name=name,
                 key_hash=hash_api_key(api_key),
                 key_prefix=api_key[:10],
-                signing_secret=key.signing_secret,
+                signing_secret=sealed,
                 created_at=db.now(),
             )
         )
     return key
+
+
+@dataclass(frozen=True)
+class RotatedSecret:
+    id: str
+    signing_secret: str = field(repr=False)
+    overlap_until: datetime | None  # until when the replaced secret still signs; None: not
+
+
+async def rotate_secret(db: Database, key_id: str, overlap_s: float) -> RotatedSecret | None:
+    """Give a key a new signing secret; None if there is no such live key.
+
+    For `overlap_s` seconds callbacks carry signatures with both the new and the replaced
+    secret (new first); after that only the new one. A secret replaced earlier whose overlap
+    is still running stops signing now: there are never more than two.
+    """
+    secret = generate_secret()
+    async with db.transaction() as conn:
+        current = (
+            await conn.execute(
+                select(api_keys.c.signing_secret).where(
+                    api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)
+                )
+            )
+        ).scalar_one_or_none()
+        if current is None:
+            return None
+        db.secrets.open(current, key_id)  # the key must open it, or the overlap signs nothing
+        now = db.now()
+        until = now + timedelta(seconds=overlap_s) if overlap_s > 0 else None
+        await conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id)
+            .values(
+                signing_secret=db.secrets.seal(secret, key_id),
+                previous_signing_secret=current if until is not None else None,
+                previous_secret_until=until,
+            )
+        )
+    return RotatedSecret(key_id, secret, until)
+
+
+async def reset_secrets(db: Database) -> list[NewKey]:
+    """Give every live key a new signing secret at once, with no overlap: for when the old
+    secrets cannot be opened any more (RELAY_SECRET_KEY lost). `api_key` is left empty."""
+    async with db.transaction() as conn:
+        rows = (
+            await conn.execute(
+                select(api_keys.c.id, api_keys.c.name)
+                .where(api_keys.c.revoked_at.is_(None))
+                .order_by(api_keys.c.id)
+            )
+        ).all()
+        fresh = [NewKey(row.id, row.name, "", generate_secret()) for row in rows]
+        if fresh:
+            await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == bindparam("k_id"))
+                .values(
+                    signing_secret=bindparam("k_secret"),
+                    previous_signing_secret=None,
+                    previous_secret_until=None,
+                ),
+                [
+                    {"k_id": k.id, "k_secret": db.secrets.seal(k.signing_secret, k.id)}
+                    for k in fresh
+                ],
+            )
+    return fresh
+
+
+async def check_secret_key(db: Database) -> None:
+    """SecretKeyError unless db.secrets opens the newest key's signing secret (a database
+    without keys has nothing to lose)."""
+    async with db.reader() as conn:
+        row = (
+            await conn.execute(
+                select(api_keys.c.id, api_keys.c.signing_secret)
+                .order_by(api_keys.c.created_at.desc(), api_keys.c.id.desc())
+                .limit(1)
+            )
+        ).first()
+    if row is not None:
+        db.secrets.open(row.signing_secret, row.id)
 
 
 async def list_keys(db: Database) -> list[RowMapping]:
