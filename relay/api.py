@@ -41,6 +41,7 @@ from relay.http import (
     validate,
     validation_error,
 )
+from relay.quota import ActiveEstimates
 from relay.resolver import IntakeResolver
 from relay.schemas import (
     AttemptList,
@@ -66,17 +67,28 @@ class ApiContext:
     intake: IntakeResolver = field(default_factory=IntakeResolver)
     auth: Authenticator = field(init=False)
     creates: Batcher[store.CreateRequest, store.CreateResult] = field(init=False)
+    quota: ActiveEstimates = field(init=False)
 
     def __post_init__(self) -> None:
         self.auth = Authenticator(
             self.db, self.settings.rate_limit_per_s, self.settings.auth_failure_limit_per_s
         )
         self.creates = Batcher(self._write_creates, max_concurrent=4 if self.db.is_postgres else 1)
+        self.quota = ActiveEstimates(self.settings.max_active_per_key)
 
     async def _write_creates(
         self, requests: Sequence[store.CreateRequest]
     ) -> list[store.CreateResult]:
-        outcome = await store.create_subscriptions(self.db, requests)
+        outcome = await store.create_subscriptions(
+            self.db, requests, max_active_per_key=self.settings.max_active_per_key
+        )
+        for key_id, active in outcome.active_counts.items():
+            self.quota.counted(key_id, active)
+        for result in outcome.results:
+            if result.created and result.subscription is not None:
+                key_id = result.subscription["api_key_id"]
+                if key_id not in outcome.active_counts:
+                    self.quota.created(key_id)
         if outcome.polls_queued:
             self.on_polls_queued()
         if outcome.deliveries_queued:
@@ -152,8 +164,16 @@ async def _create(
             generation_id=payload.generation_id,
             callback_url=payload.callback_url,
             metadata_json=orjson.dumps(metadata).decode() if metadata is not None else None,
+            count_active=ctx.quota.needs_count(caller.key_id),
         )
     )
+    if result.quota_exceeded:
+        raise ApiError(
+            429,
+            "quota_exceeded",
+            f"this key already has {ctx.settings.max_active_per_key} active subscriptions "
+            "(RELAY_MAX_ACTIVE_PER_KEY); wait for some to end, or cancel some",
+        )
     if result.subscription is None:
         raise unauthorized()
     return (201 if result.created else 200), subscription_json(result.subscription)

@@ -45,6 +45,7 @@ class Settings:
     allow_private_callbacks: bool = False
     rate_limit_per_s: float = 1000.0
     auth_failure_limit_per_s: float = 20.0
+    max_active_per_key: int = 100_000
     # Beyond the contract's table: operational knobs with safe defaults.
     lease_s: float = 30.0
     retention_s: float = 7 * 86400.0
@@ -83,6 +84,7 @@ class Settings:
             auth_failure_limit_per_s=reader.get(
                 "RELAY_AUTH_FAILURE_LIMIT", 20.0, _non_negative_number
             ),
+            max_active_per_key=reader.get("RELAY_MAX_ACTIVE_PER_KEY", 100_000, _positive_int),
             lease_s=reader.get("RELAY_LEASE", 30.0, _lease),
             retention_s=reader.get("RELAY_RETENTION", 7 * 86400.0, _positive_seconds),
             delivery_concurrency=reader.get("RELAY_DELIVERY_CONCURRENCY", 256, _positive_int),

@@ -147,9 +147,21 @@ generations = Table(
     Column("not_found_since", UTCDateTime(), nullable=True),
     Column("last_error", Text, nullable=True),
     Column("lease_owner", String(40), nullable=True),
+    # The key whose share of the poll budget this generation's polls take: the key of its
+    # first active subscription, handed to another watcher's key when that one stops.
+    Column("fair_key", String(40), nullable=True),
     _now_column("created_at"),
     _now_column("updated_at"),
     Index("ix_generations_due", "next_poll_at"),
+    # Per key, its polling generations by due time: the fair claim walks the keys with due
+    # work (few) instead of every due row.
+    Index(
+        "ix_generations_fair_due",
+        "fair_key",
+        "next_poll_at",
+        sqlite_where=text("next_poll_at IS NOT NULL"),
+        postgresql_where=text("next_poll_at IS NOT NULL"),
+    ),
     Index("ix_generations_state_updated", "state", "updated_at"),
 )
 

@@ -28,7 +28,8 @@ _ERRORS = {
     409: "conflict: nothing to redeliver",
     413: f"payload_too_large: body over {BODY_MAX_BYTES // 1024} KiB",
     422: "validation_error: `details` lists each field and why",
-    429: "rate_limited: the key sends too fast (see Retry-After)",
+    429: "rate_limited: the key (or an address with unknown keys) sends too fast (see "
+    "Retry-After); quota_exceeded: the key has RELAY_MAX_ACTIVE_PER_KEY active subscriptions",
 }
 
 OPENAPI = Operation(

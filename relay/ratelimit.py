@@ -29,21 +29,35 @@ class TokenBucket:
             self._tokens -= 1.0
         return wait_s
 
-    def peek(self) -> float:
-        """0.0 if a token is there (none is taken), else the seconds to wait for one."""
+    def peek(self, tokens: float = 1.0) -> float:
+        """0.0 if `tokens` are there (none is taken), else the seconds to wait for them."""
         now = self._clock()
         if now < self._paused_until:
             return self._paused_until - now
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
-        if self._tokens >= 1.0:
+        if self._tokens >= tokens:
             return 0.0
-        return (1.0 - self._tokens) / self.rate
+        return (tokens - self._tokens) / self.rate
 
     async def take(self) -> None:
         # The wait is computed exactly; an Event would need a producer, and time is the producer.
         while (wait_s := self.try_take()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait_s)
+
+    async def take_up_to(self, most: int, least: int = 1) -> int:
+        """Wait until `least` tokens are there (fewer if `most` or the burst is smaller),
+        then take as many as are there, up to `most`."""
+        least = max(1, min(least, most, int(self.burst)))
+        while (wait_s := self.peek(least)) > 0:  # noqa: ASYNC110 (time is the producer)
+            await asyncio.sleep(wait_s)
+        taken = min(most, int(self._tokens))
+        self._tokens -= taken
+        return taken
+
+    def give_back(self, tokens: int) -> None:
+        """Return tokens taken and not used."""
+        self._tokens = min(self.burst, self._tokens + tokens)
 
     def pause(self, seconds: float) -> None:
         """Hand out no token for `seconds` (the upstream said Retry-After)."""

@@ -20,7 +20,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(names.split())
     for names in (
         "relay relay.errors relay.ids relay.simulator",
-        "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit relay.secretbox"
+        "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit relay.secretbox relay.quota"
         " relay.batching relay.hostslots",
         "relay.models relay.database relay.migrate",
         "relay.schemas",

@@ -1,4 +1,8 @@
-"""Keys and secrets: signing secrets sealed under RELAY_SECRET_KEY, and rotation.
+"""Keys and secrets: signing secrets sealed under RELAY_SECRET_KEY, rotation, and each
+generation's fair key.
+
+generations gains fair_key (whose share of the poll budget its polls take), backfilled for
+polling generations from an active subscription, and the index the fair claim reads.
 
 api_keys gains previous_signing_secret and previous_secret_until (a rotated-out secret signs
 until then). Every signing secret still in the clear is sealed (relay.secretbox); that needs
@@ -52,9 +56,33 @@ def upgrade() -> None:
         )
     if box is not None:
         bind.execute(_UPDATE, [{"id": r.id, "secret": box.seal(r.signing_secret, r.id)} for r in clear])
+    with op.batch_alter_table("generations", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("fair_key", sa.String(length=40), nullable=True))
+    bind.execute(
+        sa.text(
+            "UPDATE generations SET fair_key = (SELECT min(s.api_key_id) FROM subscriptions s"
+            " WHERE s.generation_id = generations.id AND s.status = 'active')"
+            " WHERE state = 'polling'"
+        )
+    )
+    with op.batch_alter_table("generations", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_generations_fair_due",
+            ["fair_key", "next_poll_at"],
+            unique=False,
+            sqlite_where=sa.text("next_poll_at IS NOT NULL"),
+            postgresql_where=sa.text("next_poll_at IS NOT NULL"),
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("generations", schema=None) as batch_op:
+        batch_op.drop_index(
+            "ix_generations_fair_due",
+            sqlite_where=sa.text("next_poll_at IS NOT NULL"),
+            postgresql_where=sa.text("next_poll_at IS NOT NULL"),
+        )
+        batch_op.drop_column("fair_key")
     bind = op.get_bind()
     sealed = [row for row in bind.execute(_SELECT) if is_sealed(row.signing_secret)]
     if sealed:

@@ -58,10 +58,14 @@ class Leased:
         lease_s: float,
         now: datetime,
         returning: Sequence[ColumnElement[Any]],
+        among: ColumnElement[bool] | None = None,
     ) -> Sequence[RowMapping]:
-        """Lease up to `limit` due rows, earliest due first; `returning` of each. SKIP LOCKED:
-        rows another node is claiming or writing are left to it, never waited for."""
+        """Lease up to `limit` due rows (only those `among` picks, if given), earliest due
+        first; `returning` of each. SKIP LOCKED: rows another node is claiming or writing
+        are left to it, never waited for."""
         due = select(self._id).where(self._due <= now)
+        if among is not None:
+            due = due.where(among)
         if not self.due_means_live:
             due = due.where(self.live)
         due = due.order_by(self._due).limit(limit).with_for_update(skip_locked=True)
