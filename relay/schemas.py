@@ -59,6 +59,10 @@ GENERATION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$"
 GENERATION_ID_RULE = (
     f"must be 1-{GENERATION_ID_MAX_CHARS} characters of A-Z a-z 0-9 _ . : -, not only dots"
 )
+# The shape of a callback URL, as far as a pattern can tell (the document publishes it); the
+# URL rule itself is addresses.parse_callback_url, and whether the host may be called needs DNS.
+CALLBACK_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#@]+([/?#]\S*)?$"
+CALLBACK_URL_RULE = "must be an absolute http or https URL, without spaces or a user:password part"
 # `sub_` + 26 Crockford base32 characters (ids.py): what every subscription id looks like.
 SUBSCRIPTION_ID_PATTERN = r"^sub_[0-9A-HJKMNP-TV-Z]{26}$"
 SUBSCRIPTION_ID_RULE = "must be a subscription id (sub_ and 26 characters of Crockford base32)"
@@ -257,6 +261,7 @@ SubscriptionId = Annotated[str, Matches(SUBSCRIPTION_ID_PATTERN, SUBSCRIPTION_ID
 CallbackUrl = Annotated[
     str,
     StringConstraints(min_length=1, max_length=CALLBACK_URL_MAX_CHARS),
+    Matches(CALLBACK_URL_PATTERN, CALLBACK_URL_RULE),
     AfterValidator(_utf8_within_limit),
 ]
 # A BeforeValidator wraps what stands left of it: written last, the text check runs first and
