@@ -14,8 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
-
-SECRET_KEY_MIN_CHARS = 32
+from relay.secretbox import SecretKeyError, check_secret_key
 
 T = TypeVar("T")
 
@@ -175,12 +174,10 @@ def _positive_int(raw: str) -> int:
 
 
 def _secret_key(raw: str) -> str:
-    if len(raw) < SECRET_KEY_MIN_CHARS:
-        raise ValueError(
-            f"must be at least {SECRET_KEY_MIN_CHARS} characters, e.g. the output of "
-            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
-        )
-    return raw
+    try:
+        return check_secret_key(raw)
+    except SecretKeyError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _port(raw: str) -> int:

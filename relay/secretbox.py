@@ -24,9 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from relay.config import SECRET_KEY_MIN_CHARS
-
 SEALED_PREFIX = "v1:"
+SECRET_KEY_MIN_CHARS = 32
 _NONCE_BYTES = 12
 _OPENED_MAX = 4096  # opened secrets kept in memory: signing must not decrypt every time
 

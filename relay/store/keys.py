@@ -27,7 +27,7 @@ from relay.models import (
     subscriptions,
 )
 from relay.signing import generate_secret
-from relay.store._sql import any_of, retrying
+from relay.store._sql import any_of, cancel_deliveries, retrying
 from relay.store.generations import idle_unwatched
 
 
@@ -104,6 +104,21 @@ async def rotate_secret(db: Database, key_id: str, overlap_s: float) -> RotatedS
     return RotatedSecret(key_id, secret, until)
 
 
+_REPLACE_SECRET = (
+    update(api_keys)
+    .where(api_keys.c.id == bindparam("k_id"))
+    .values(
+        signing_secret=bindparam("k_secret"),
+        previous_signing_secret=None,
+        previous_secret_until=None,
+    )
+)
+
+
+def _replacement(db: Database, key: NewKey) -> dict[str, str]:
+    return {"k_id": key.id, "k_secret": db.secrets.seal(key.signing_secret, key.id)}
+
+
 async def reset_secrets(db: Database) -> list[NewKey]:
     """Give every live key a new signing secret at once, with no overlap: for when the old
     secrets cannot be opened any more (RELAY_SECRET_KEY lost). `api_key` is left empty."""
@@ -116,20 +131,8 @@ async def reset_secrets(db: Database) -> list[NewKey]:
             )
         ).all()
         fresh = [NewKey(row.id, row.name, "", generate_secret()) for row in rows]
-        if fresh:
-            await conn.execute(
-                update(api_keys)
-                .where(api_keys.c.id == bindparam("k_id"))
-                .values(
-                    signing_secret=bindparam("k_secret"),
-                    previous_signing_secret=None,
-                    previous_secret_until=None,
-                ),
-                [
-                    {"k_id": k.id, "k_secret": db.secrets.seal(k.signing_secret, k.id)}
-                    for k in fresh
-                ],
-            )
+        for key in fresh:
+            await conn.execute(_REPLACE_SECRET, _replacement(db, key))
     return fresh
 
 
@@ -225,17 +228,7 @@ async def _revoke_once(db: Database, key_id: str) -> Revoked | None:
             await conn.execute(
                 select(deliveries.c.id).where(pending).order_by(deliveries.c.id).with_for_update()
             )
-        await conn.execute(
-            update(deliveries)
-            .where(pending)
-            .values(
-                status=DeliveryStatus.CANCELED,
-                next_attempt_at=None,
-                lease_owner=None,
-                last_error=REVOKED_ERROR,
-                updated_at=now,
-            )
-        )
+        await cancel_deliveries(conn, pending, now, REVOKED_ERROR)
         canceled = await conn.execute(
             update(subscriptions)
             .where(active)

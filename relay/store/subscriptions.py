@@ -23,7 +23,7 @@ from relay.models import (
     generations,
     subscriptions,
 )
-from relay.store._sql import delivery_row, retrying
+from relay.store._sql import cancel_deliveries, delivery_row, retrying
 from relay.store.generations import idle_if_unwatched
 
 SUBSCRIPTION_COLUMNS = (
@@ -128,16 +128,7 @@ async def _cancel_once(db: Database, key_id: str, sub_id: str) -> RowMapping | N
             .values(status=SubscriptionStatus.CANCELED, updated_at=now)
         )
         if changed.rowcount:
-            await conn.execute(
-                update(deliveries)
-                .where(pending)
-                .values(
-                    status=DeliveryStatus.CANCELED,
-                    next_attempt_at=None,
-                    lease_owner=None,
-                    updated_at=now,
-                )
-            )
+            await cancel_deliveries(conn, pending, now)
             await idle_if_unwatched(conn, gen_id, now)
         return await _one_subscription(conn, sub_id)
 
