@@ -62,7 +62,9 @@ async def test_an_unknown_or_revoked_key_is_refused_before_its_body_is_sent(db_u
         assert await store.revoke_key(db, revoked.id)
     finally:
         await db.dispose()
-    with serve_in_thread(create_app(fast_settings(db_url), role="api")) as url:
+    # A short body deadline: the server's shutdown waits for the live key's request.
+    settings = fast_settings(db_url, body_timeout_s=1.5)
+    with serve_in_thread(create_app(settings, role="api")) as url:
         for token in ("rk_made_up", revoked.api_key):
             answer = await _first_answer(url, f"Bearer {token}")
             assert answer.startswith(b"HTTP/1.1 401 "), answer
