@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PG_ADMIN_URL = os.environ.get("RELAY_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Signing secrets are sealed under RELAY_SECRET_KEY; every relay process and helper of a run
+# shares this one (set before any of them starts), unless the caller chose another.
+BENCH_SECRET_KEY = os.environ.setdefault(
+    "RELAY_SECRET_KEY", "bench-secret-key-0123456789-abcdefghijklmnop"
+)
 
 
 @dataclass

@@ -18,7 +18,14 @@ from pathlib import Path
 import httpx
 import orjson
 
-from bench.common import Results, drop_database, metrics_env, new_database, scraping
+from bench.common import (
+    BENCH_SECRET_KEY,
+    Results,
+    drop_database,
+    metrics_env,
+    new_database,
+    scraping,
+)
 from bench.harness import cluster
 from relay import store
 from relay.database import open_database
@@ -43,7 +50,7 @@ async def make_backlog(
 ) -> int:
     """Queue `count` deliveries, interleaved; `hanging_share` of them go to host 10, which
     hangs (with none, all ten hosts are fast). Returns how many go to fast hosts."""
-    db = open_database(url)
+    db = open_database(url, secret_key=BENCH_SECRET_KEY)
     key = await store.create_key(db, f"delivery-{tag}")
     results = {
         f"gen_{tag}_{i}": orjson.dumps(dict(BODY, id=f"gen_{tag}_{i}")).decode()

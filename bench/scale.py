@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.common import Results, drop_database, new_database
+from bench.common import BENCH_SECRET_KEY, Results, drop_database, new_database
 from bench.harness import cluster
 from relay import store
 from relay.database import open_database
@@ -27,7 +27,7 @@ UPSTREAM_KEY = "scale-bench"
 
 
 async def seed(url: str, count: int) -> None:
-    db = open_database(url)
+    db = open_database(url, secret_key=BENCH_SECRET_KEY)
     key = await store.create_key(db, "scale")
     await seeding.add_polling_generations(
         db,
@@ -41,7 +41,7 @@ async def seed(url: str, count: int) -> None:
 
 async def time_claims(url: str, rounds: int = 20, batch: int = 200) -> tuple[float, float]:
     """Median and max ms of claiming `batch` due generations out of all of them due."""
-    db = open_database(url)
+    db = open_database(url, secret_key=BENCH_SECRET_KEY)
     await db.sync_clock()
     await seeding.schedule_all_polls(db, db.now() - timedelta(seconds=1))
     timings = []
@@ -56,7 +56,7 @@ async def time_claims(url: str, rounds: int = 20, batch: int = 200) -> tuple[flo
 
 
 async def make_all_due(url: str) -> None:
-    db = open_database(url)
+    db = open_database(url, secret_key=BENCH_SECRET_KEY)
     await db.sync_clock()
     await seeding.schedule_all_polls(db, db.now())
     await db.dispose()
@@ -143,6 +143,6 @@ def run(results: Results, database: str, workdir: Path, quick: bool) -> None:
 
 async def _release(url: str) -> None:
     """Forget the killed node's leases so the next run starts from the same state."""
-    db = open_database(url)
+    db = open_database(url, secret_key=BENCH_SECRET_KEY)
     await seeding.schedule_all_polls(db, db.now() + timedelta(hours=1))
     await db.dispose()

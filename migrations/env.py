@@ -1,7 +1,9 @@
 """Alembic environment: async, URL from relay's configuration, one migrator at a time.
 
 The URL comes from `config.attributes["database_url"]` (set by `relay.migrate`) or else from
-RELAY_DATABASE_URL through `relay.config`, never from alembic.ini. On PostgreSQL the upgrade
+RELAY_DATABASE_URL through `relay.config`, never from alembic.ini; the secret key that seals
+signing secrets likewise (`config.attributes["secret_key"]`, else RELAY_SECRET_KEY), read by
+the migrations that need it. On PostgreSQL the upgrade
 runs under a transaction-level advisory lock, so processes starting together on an empty
 database migrate it once and the others wait, then find it at head.
 """

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from relay import store
 from relay.addresses import CallbackURLError
-from relay.auth import Authenticator, unauthorized
+from relay.auth import Authenticator, client_address, unauthorized
 from relay.batching import Batcher
 from relay.config import Settings
 from relay.database import Database
@@ -41,7 +41,8 @@ from relay.http import (
     validate,
     validation_error,
 )
-from relay.resolver import vet_callback_url
+from relay.quota import ActiveEstimates
+from relay.resolver import IntakeResolver
 from relay.schemas import (
     AttemptList,
     Subscription,
@@ -65,12 +66,17 @@ class ApiContext:
     signals: Signals | None = None
     on_polls_queued: Callable[[], None] = lambda: None
     on_deliveries_queued: Callable[[], None] = lambda: None
+    intake: IntakeResolver = field(default_factory=IntakeResolver)
     auth: Authenticator = field(init=False)
     creates: Batcher[store.CreateRequest, store.CreateResult] = field(init=False)
+    quota: ActiveEstimates = field(init=False)
 
     def __post_init__(self) -> None:
-        self.auth = Authenticator(self.db, self.settings.rate_limit_per_s)
+        self.auth = Authenticator(
+            self.db, self.settings.rate_limit_per_s, self.settings.auth_failure_limit_per_s
+        )
         self.creates = Batcher(self._write_creates, max_concurrent=4 if self.db.is_postgres else 1)
+        self.quota = ActiveEstimates(self.settings.max_active_per_key)
 
     def first_poll(self) -> store.FirstPoll:
         """When new generations get their first per-id poll (push hints, sweeps)."""
@@ -79,7 +85,17 @@ class ApiContext:
     async def _write_creates(
         self, requests: Sequence[store.CreateRequest]
     ) -> list[store.CreateResult]:
-        outcome = await store.create_subscriptions(self.db, requests, self.first_poll())
+        options = store.CreateOptions(
+            first_poll=self.first_poll(), max_active_per_key=self.settings.max_active_per_key
+        )
+        outcome = await store.create_subscriptions(self.db, requests, options)
+        for key_id, active in outcome.active_counts.items():
+            self.quota.counted(key_id, active)
+        for result in outcome.results:
+            if result.created and result.subscription is not None:
+                key_id = result.subscription["api_key_id"]
+                if key_id not in outcome.active_counts:
+                    self.quota.created(key_id)
         if outcome.polls_queued:
             self.on_polls_queued()
         if outcome.deliveries_queued:
@@ -131,40 +147,50 @@ def attempt_json(row: Mapping[Any, Any]) -> dict[str, Any]:
 # --- Create: the hot path -------------------------------------------------------------------
 
 
-async def checked_subscription(settings: Settings, data: Any) -> SubscriptionCreate:
-    """`data` as a subscription create, its callback URL vetted (DNS included): 422
-    `validation_error` if either is wrong. Creates through the relay check their Relay-*
-    headers here too, so both routes keep one set of rules."""
+async def checked_subscription(ctx: ApiContext, data: Any) -> SubscriptionCreate:
+    """`data` as a subscription create, its callback URL vetted (DNS included, on the intake's
+    own resolver): 422 `validation_error` if either is wrong. Creates through the relay check
+    their Relay-* headers here too, so both routes keep one set of rules."""
     payload = validate(SubscriptionCreate, data)
     try:
-        await vet_callback_url(payload.callback_url, allow_private=settings.allow_private_callbacks)
+        await ctx.intake.vet(
+            payload.callback_url, allow_private=ctx.settings.allow_private_callbacks
+        )
     except CallbackURLError as exc:
         raise validation_error([{"field": "callback_url", "message": str(exc)}]) from None
     return payload
 
 
 async def _create(
-    ctx: ApiContext, authorization: str, declared_length: str | None, body: AsyncIterator[bytes]
+    ctx: ApiContext,
+    authorization: str,
+    address: str,
+    declared_length: str | None,
+    body: AsyncIterator[bytes],
 ) -> tuple[int, dict[str, Any]]:
-    key_hash = ctx.auth.key_hash(authorization)
-    try:
-        data = parse_object(await read_body(declared_length, body))
-        payload = await checked_subscription(ctx.settings, data)
-    except ApiError:
-        # Bad input from an unknown or revoked key is still a 401 first.
-        await ctx.auth.key_id(key_hash)
-        raise
+    # The key first: an unknown or revoked key is refused before the body is read. The batch
+    # checks the key again in its transaction, so the cache cannot let a revoked key create.
+    caller = await ctx.auth.authenticate(authorization, address, cached=True)
+    payload = await checked_subscription(ctx, parse_object(await read_body(declared_length, body)))
     metadata = payload.metadata
     result = await ctx.creates.submit(
         store.CreateRequest(
-            key_hash=key_hash,
+            key_hash=caller.key_hash,
             generation_id=payload.generation_id,
             callback_url=payload.callback_url,
             metadata_json=orjson.dumps(metadata).decode() if metadata is not None else None,
+            count_active=ctx.quota.needs_count(caller.key_id),
         )
     )
     if result.not_found:
         raise ApiError(404, "not_found", "no such generation for this key")
+    if result.quota_exceeded:
+        raise ApiError(
+            429,
+            "quota_exceeded",
+            f"this key already has {ctx.settings.max_active_per_key} active subscriptions "
+            "(RELAY_MAX_ACTIVE_PER_KEY); wait for some to end, or cancel some",
+        )
     if result.subscription is None:
         raise unauthorized()
     return (201 if result.created else 200), subscription_json(result.subscription)
@@ -184,7 +210,9 @@ class CreateSubscription:
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
                 declared = value.decode("latin-1")
-        status, content = await _create(ctx, authorization, declared, body_chunks(receive))
+        status, content = await _create(
+            ctx, authorization, client_address(scope), declared, body_chunks(receive)
+        )
         body = orjson.dumps(content)
         await send(
             {
@@ -202,6 +230,13 @@ class CreateSubscription:
 # --- The other routes -----------------------------------------------------------------------
 
 
+async def _key_id(request: Request) -> str:
+    """The caller's key id, looked up now (a key revoked a moment ago is refused)."""
+    authorization = request.headers.get("authorization", "")
+    caller = await context(request).auth.authenticate(authorization, client_address(request.scope))
+    return caller.key_id
+
+
 def _not_found() -> ApiError:
     return ApiError(404, "not_found", "no such subscription")
 
@@ -211,7 +246,7 @@ async def _owned(
 ) -> T:
     """`lookup` of the subscription in the path, for the caller's key; 404 if not theirs."""
     ctx = context(request)
-    key_id = await ctx.auth.authenticate(request.headers.get("authorization", ""))
+    key_id = await _key_id(request)
     try:
         sub_id = SubscriptionPath.model_validate(request.path_params).id
     except ValidationError:
@@ -250,7 +285,7 @@ async def redeliver(request: Request) -> Response:
 
 async def list_subscriptions(request: Request) -> Response:
     ctx = context(request)
-    key_id = await ctx.auth.authenticate(request.headers.get("authorization", ""))
+    key_id = await _key_id(request)
     query = parse_query(SubscriptionListQuery, request)
     rows, more = await store.list_subscriptions(
         ctx.db,
@@ -279,7 +314,7 @@ CREATE = Operation(
         201: Answer("created", Subscription, links=_BY_ID),
         200: Answer("an identical active subscription exists", Subscription, links=_BY_ID),
     },
-    errors=(400, 401, 404, 413, 422, 429),
+    errors=(400, 401, 404, 408, 413, 422, 429),
 )
 LIST = Operation(
     "listSubscriptions",

@@ -15,6 +15,7 @@ from typing import Literal, TypedDict
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from relay import __version__, admin, api, logs, probes, proxy, store
@@ -25,6 +26,7 @@ from relay.config import Settings
 from relay.creator import Creator, UpstreamCreator
 from relay.database import Database, open_database
 from relay.deliverer import Deliverer
+from relay.guards import BodyDeadline, LastResort
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
 from relay.idempotency import IdempotencyGate
@@ -34,6 +36,7 @@ from relay.metrics import Metrics
 from relay.openapi import with_openapi
 from relay.poller import Poller, upstream_budget
 from relay.proxy import ProxyContext
+from relay.resolver import IntakeResolver
 from relay.sender import AiohttpSender, CallbackSender
 from relay.signals import Signals
 from relay.ssecreate import SseCreator
@@ -74,12 +77,13 @@ def create_app(
     role: Role = "all",
     upstream_connector: aiohttp.BaseConnector | None = None,
     sender: CallbackSender | None = None,
+    intake_resolver: IntakeResolver | None = None,
 ) -> Starlette:
     """The relay as an ASGI app; migrations must already be applied (the CLI does it)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        db = open_database(settings.database_url)
+        db = open_database(settings.database_url, secret_key=settings.secret_key)
         await db.sync_clock()
         owner = new_id("node")
         logs.bind_node(owner)
@@ -99,6 +103,7 @@ def create_app(
                 settings.upstream_api_key,
                 timeout_s=settings.upstream_timeout_s,
                 max_connections=settings.poll_concurrency,
+                max_body_bytes=settings.upstream_max_body_bytes,
                 connector=upstream_connector,
             )
             callback_sender = sender or AiohttpSender(
@@ -135,7 +140,10 @@ def create_app(
             worker = Worker(db, settings, poller, deliverer, sweeper)
             signals.on_silence.append(_resume_normal_polling(db, settings, worker))
             worker.start()
-        context = ApiContext(db=db, settings=settings, health=health, signals=signals)
+        resolver = intake_resolver or IntakeResolver()
+        context = ApiContext(
+            db=db, settings=settings, health=health, intake=resolver, signals=signals
+        )
         intake = IntakeContext(db=db, settings=settings, signals=signals, metrics=metrics)
         if worker is not None:
             context.on_polls_queued = worker.kick_poller
@@ -175,6 +183,7 @@ def create_app(
                 await upstream.aclose()
             if callback_sender is not None:
                 await callback_sender.aclose()
+            await resolver.close()
             await db.dispose()
             logger.info("relay stopped: node=%s", owner, extra={"event": "relay.stopped"})
 
@@ -186,4 +195,8 @@ def create_app(
         routes=[*with_openapi(routes), *admin.routes(settings)],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[
+            Middleware(LastResort),
+            Middleware(BodyDeadline, timeout_s=settings.body_timeout_s),
+        ],
     )

@@ -14,6 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
+from relay.secretbox import SecretKeyError, check_secret_key
 from relay.signing import SECRET_PREFIX, check_secret
 
 T = TypeVar("T")
@@ -35,6 +36,8 @@ class Settings:
     upstream_url: str = "https://open.skills.video/api"
     # Kept out of repr so a logged or printed Settings never shows the secret.
     upstream_api_key: str | None = field(default=None, repr=False)
+    # Seals the signing secrets at rest (secretbox.py); never shown.
+    secret_key: str | None = field(default=None, repr=False)
     upstream_timeout_s: float = 20.0
     upstream_max_rps: float = 50.0
     poll_min_interval_s: float = 2.0
@@ -45,12 +48,17 @@ class Settings:
     delivery_retry_schedule_s: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE_S
     allow_private_callbacks: bool = False
     rate_limit_per_s: float = 1000.0
+    auth_failure_limit_per_s: float = 20.0
+    max_active_per_key: int = 100_000
     # Beyond the contract's table: operational knobs with safe defaults.
     lease_s: float = 30.0
     retention_s: float = 7 * 86400.0
     delivery_concurrency: int = 256
     delivery_per_host: int = 16
     poll_concurrency: int = 64
+    upstream_max_body_bytes: int = 2**20
+    max_connections: int = 1024
+    body_timeout_s: float = 10.0
     log_level: str = "INFO"
     # Push hints (the upstream's workspace webhooks) and batch sweeps.
     upstream_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -79,6 +87,7 @@ class Settings:
             port=reader.get("RELAY_PORT", cls.port, _port),
             upstream_url=reader.get("RELAY_UPSTREAM_URL", cls.upstream_url, _http_url),
             upstream_api_key=reader.get("RELAY_UPSTREAM_API_KEY", None, _non_empty),
+            secret_key=reader.get("RELAY_SECRET_KEY", None, _secret_key),
             upstream_timeout_s=reader.get("RELAY_UPSTREAM_TIMEOUT", 20.0, _positive_seconds),
             upstream_max_rps=reader.get("RELAY_UPSTREAM_MAX_RPS", 50.0, _positive_number),
             poll_min_interval_s=reader.get("RELAY_POLL_MIN_INTERVAL", 2.0, _positive_seconds),
@@ -91,11 +100,18 @@ class Settings:
             ),
             allow_private_callbacks=reader.get("RELAY_ALLOW_PRIVATE_CALLBACKS", False, _bool),
             rate_limit_per_s=reader.get("RELAY_RATE_LIMIT", 1000.0, _non_negative_number),
+            auth_failure_limit_per_s=reader.get(
+                "RELAY_AUTH_FAILURE_LIMIT", 20.0, _non_negative_number
+            ),
+            max_active_per_key=reader.get("RELAY_MAX_ACTIVE_PER_KEY", 100_000, _positive_int),
             lease_s=reader.get("RELAY_LEASE", 30.0, _lease),
             retention_s=reader.get("RELAY_RETENTION", 7 * 86400.0, _positive_seconds),
             delivery_concurrency=reader.get("RELAY_DELIVERY_CONCURRENCY", 256, _positive_int),
             delivery_per_host=reader.get("RELAY_DELIVERY_PER_HOST", 16, _positive_int),
             poll_concurrency=reader.get("RELAY_POLL_CONCURRENCY", 64, _positive_int),
+            upstream_max_body_bytes=reader.get("RELAY_UPSTREAM_MAX_BODY", 2**20, _positive_int),
+            max_connections=reader.get("RELAY_MAX_CONNECTIONS", 1024, _positive_int),
+            body_timeout_s=reader.get("RELAY_BODY_TIMEOUT", 10.0, _positive_seconds),
             log_level=reader.get("RELAY_LOG_LEVEL", "INFO", _log_level),
             upstream_webhook_secrets=reader.get(
                 "RELAY_UPSTREAM_WEBHOOK_SECRET", (), _webhook_secrets
@@ -194,6 +210,13 @@ def _positive_int(raw: str) -> int:
     if value <= 0:
         raise ValueError("must be greater than 0")
     return value
+
+
+def _secret_key(raw: str) -> str:
+    try:
+        return check_secret_key(raw)
+    except SecretKeyError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _port(raw: str) -> int:

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from relay.errors import StartupError
 from relay.outages import Outage, is_outage, reason
+from relay.secretbox import SecretBox, SecretKeyError
 
 # What relay does while the database is down, said once when an outage starts.
 DATABASE_MEANWHILE = (
@@ -48,6 +49,15 @@ class Database:
     clock_offset: timedelta = field(default=timedelta(0))
     # Every unit of work reports here: an outage is a few log lines (outages.py).
     outage: Outage = field(default_factory=database_outage)
+    # Seals and opens signing secrets; None where no RELAY_SECRET_KEY was given.
+    box: SecretBox | None = None
+
+    @property
+    def secrets(self) -> SecretBox:
+        """The secret box, or SecretKeyError if this process has no RELAY_SECRET_KEY."""
+        if self.box is None:
+            raise SecretKeyError("RELAY_SECRET_KEY is not set: signing secrets cannot be read")
+        return self.box
 
     @property
     def is_postgres(self) -> bool:
@@ -107,8 +117,10 @@ class Database:
             await self.read.dispose()
 
 
-def open_database(url: str, *, pool_size: int = 10) -> Database:
-    """Create the engines for `url` (no I/O until first use)."""
+def open_database(url: str, *, pool_size: int = 10, secret_key: str | None = None) -> Database:
+    """Create the engines for `url` (no I/O until first use); `secret_key` seals and opens
+    the signing secrets stored there."""
+    box = SecretBox(secret_key) if secret_key is not None else None
     if url.startswith("sqlite"):
         # hide_parameters: a failing statement's log line must not carry callback URLs,
         # metadata or key hashes.
@@ -120,7 +132,7 @@ def open_database(url: str, *, pool_size: int = 10) -> Database:
         )
         _configure_sqlite(write, immediate=True)
         _configure_sqlite(read, immediate=False)
-        return Database(url=url, read=read, write=write)
+        return Database(url=url, read=read, write=write, box=box)
     engine = create_async_engine(
         url,
         pool_size=pool_size,
@@ -134,7 +146,7 @@ def open_database(url: str, *, pool_size: int = 10) -> Database:
         # markedly on one: docs/benchmarks.md). Planning with the values costs under 1 ms.
         connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
     )
-    return Database(url=url, read=engine, write=engine)
+    return Database(url=url, read=engine, write=engine, box=box)
 
 
 def _configure_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:

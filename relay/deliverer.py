@@ -34,7 +34,7 @@ from relay.metrics import Metrics
 from relay.outages import report_failure
 from relay.retry import Outcome, decide, parse_retry_after
 from relay.sender import CallbackSender
-from relay.signing import sign
+from relay.signing import sign_all
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ def callback_headers(delivery: store.ClaimedDelivery, timestamp: int) -> dict[st
         "content-type": "application/json",
         "webhook-id": delivery.webhook_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(
-            delivery.signing_secret, delivery.webhook_id, timestamp, delivery.body
+        "webhook-signature": sign_all(
+            delivery.signing_secrets, delivery.webhook_id, timestamp, delivery.body
         ),
         "relay-event": delivery.event,
         "relay-subscription-id": delivery.subscription_id,

@@ -105,7 +105,7 @@ class Drainer(Generic[K, T]):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            want = min(free, self._limits.per_round)
+            want = await self._claim_budget(min(free, self._limits.per_round))
             claimed = await self._claim_batch(want)
             await self._start_batch(claimed)
             if len(claimed) < want:
@@ -114,6 +114,11 @@ class Drainer(Generic[K, T]):
     def _slots_taken(self) -> int:
         """Slots of `concurrency` in use: those in flight, and any the subclass holds."""
         return len(self._in_flight)
+
+    async def _claim_budget(self, want: int) -> int:
+        """How many of `want` to claim now (the poller waits for its rate: what it claims, it
+        polls at once, so work claimed never queues behind other work in memory)."""
+        return want
 
     async def _claim_batch(self, want: int) -> Sequence[T]:
         """Lease up to `want` due items."""

@@ -25,7 +25,7 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.outages import report_failure
-from relay.schemas import BODY_MAX_BYTES
+from relay.schemas import BODY_MAX_BYTES, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 
 def parse_object(body: bytes) -> dict[str, Any]:
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        parsed = parse_json(body)
+    except ValueError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")

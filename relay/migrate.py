@@ -35,18 +35,21 @@ def migrations_dir() -> Path:
     )
 
 
-def alembic_config(database_url: str) -> Config:
-    """An Alembic config pointing at relay's migrations and the given database."""
+def alembic_config(database_url: str, secret_key: str | None = None) -> Config:
+    """An Alembic config pointing at relay's migrations and the given database; `secret_key`
+    (RELAY_SECRET_KEY) for the migrations that seal or open signing secrets."""
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["database_url"] = database_url
+    if secret_key is not None:
+        config.attributes["secret_key"] = secret_key
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(database_url: str, revision: str = "head", *, secret_key: str | None = None) -> None:
     """Bring the database to `revision` (blocking: call it before the event loop starts)."""
-    command.upgrade(alembic_config(database_url), revision)
+    command.upgrade(alembic_config(database_url, secret_key), revision)
 
 
-def downgrade(database_url: str, revision: str = "base") -> None:
-    command.downgrade(alembic_config(database_url), revision)
+def downgrade(database_url: str, revision: str = "base", *, secret_key: str | None = None) -> None:
+    command.downgrade(alembic_config(database_url, secret_key), revision)

@@ -1,7 +1,8 @@
 """The relay's tables, as SQLAlchemy Core: the schema every query and migration agrees on.
 
 Readable by operators with plain SQL: statuses are words, times are UTC, bodies are the JSON
-text as received. No table holds a usable API key (only SHA-256 hashes of random keys).
+text as received. No table holds a usable API key (only SHA-256 hashes of random keys), nor a signing secret in
+the clear (they are sealed under RELAY_SECRET_KEY).
 
 Scheduling columns double as leases: a claimed generation's `next_poll_at` (a delivery's
 `next_attempt_at`) is pushed to the end of its lease and `lease_owner` names the claimer, so a
@@ -139,8 +140,12 @@ api_keys = Table(
     Column("name", String(200), nullable=False),
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("key_prefix", String(16), nullable=False),
-    # Needed in the clear to sign callbacks (HMAC): the one secret that cannot be hashed.
+    # HMAC needs the signing secret itself, so it cannot be hashed: it is sealed under
+    # RELAY_SECRET_KEY (secretbox.py, "v1:..."), never stored in the clear. While a secret is
+    # rotated, the one it replaced signs too, until previous_secret_until.
     Column("signing_secret", Text, nullable=False),
+    Column("previous_signing_secret", Text, nullable=True),
+    Column("previous_secret_until", UTCDateTime(), nullable=True),
     _now_column("created_at"),
     Column("revoked_at", UTCDateTime(), nullable=True),
 )
@@ -171,6 +176,9 @@ generations = Table(
     # Batch sweeps: Listing, and when the running list last showed it.
     Column("listing", String(16), nullable=True),
     Column("listed_at", UTCDateTime(), nullable=True),
+    # The key whose share of the poll budget this generation's polls take: the key of its
+    # first active subscription, handed to another watcher's key when that one stops.
+    Column("fair_key", String(40), nullable=True),
     _now_column("created_at"),
     _now_column("updated_at"),
     # The key that created it through the relay (proxy.py): only that key may subscribe to
@@ -178,6 +186,15 @@ generations = Table(
     # adding one would rebuild this table on SQLite.
     Column("owner_key_id", String(40), nullable=True),
     Index("ix_generations_due", "next_poll_at"),
+    # Per key, its polling generations by due time: the fair claim walks the keys with due
+    # work (few) instead of every due row.
+    Index(
+        "ix_generations_fair_due",
+        "fair_key",
+        "next_poll_at",
+        sqlite_where=text("next_poll_at IS NOT NULL"),
+        postgresql_where=text("next_poll_at IS NOT NULL"),
+    ),
     Index("ix_generations_state_updated", "state", "updated_at"),
 )
 

@@ -25,10 +25,12 @@ _ERRORS = {
     400: "invalid_json: the body is not JSON, or not an object",
     401: "unauthorized: no key, unknown key, revoked key",
     404: "not_found: no such subscription (or generation) for this key",
+    408: "request_timeout: the body did not arrive within RELAY_BODY_TIMEOUT",
     409: "conflict: nothing to redeliver",
     413: f"payload_too_large: body over {BODY_MAX_BYTES // 1024} KiB",
     422: "validation_error: `details` lists each field and why",
-    429: "rate_limited: the key sends too fast (see Retry-After)",
+    429: "rate_limited: the key (or an address with unknown keys) sends too fast (see "
+    "Retry-After); quota_exceeded: the key has RELAY_MAX_ACTIVE_PER_KEY active subscriptions",
     502: "upstream_unavailable or upstream_invalid_answer: no usable answer from the upstream",
     504: "upstream_timeout: the upstream did not answer in time",
 }

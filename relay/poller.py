@@ -180,15 +180,24 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
         self._on_deliveries_queued = on_deliveries_queued
         # The upstream's request budget, shared with the sweeper when there is one.
         self._bucket = budget or upstream_budget(settings)
+        self._turn = 0  # which key a fair claim starts with, in turn
 
     @property
     def in_flight_ids(self) -> list[str]:
         return list(self._in_flight)
 
+    async def _claim_budget(self, want: int) -> int:
+        # The rate's tokens are taken before the claim: a claimed generation is polled at
+        # once, and the fair share of each claim is the fair share of the polls.
+        # A tenth of a second's polls at a time, so claims are batches, not one per token.
+        return await self._bucket.take_up_to(want, least=int(self._bucket.rate // 10))
+
     async def _claim_batch(self, want: int) -> list[store.ClaimedGeneration]:
+        self._turn += 1
         claimed = await store.claim_due_generations(
-            self._db, self._owner, want, self._settings.lease_s
+            self._db, self._owner, want, self._settings.lease_s, turn=self._turn
         )
+        self._bucket.give_back(want - len(claimed))
         self._metrics.takeovers("poll", (generation.previous_owner for generation in claimed))
         return claimed
 
@@ -200,7 +209,6 @@ class Poller(Drainer[str, store.ClaimedGeneration]):
 
     async def _poll_one(self, claimed: store.ClaimedGeneration) -> None:
         try:
-            await self._bucket.take()
             result = await self._upstream.poll(claimed.id)
             self.health.observe(result)
             self._metrics.poll(result.kind)

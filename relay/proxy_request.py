@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope
 
 from relay import store
 from relay.api import ApiContext, checked_subscription
+from relay.auth import client_address
 from relay.http import ApiError, parse_object, pydantic_details, validation_error
 from relay.schemas import IdempotencyKey, ProxyPath
 
@@ -103,10 +104,13 @@ async def checked_request(ctx: ApiContext, scope: Scope, receive: Receive) -> Cr
     headers: dict[str, bytes] = {}
     for name, value in scope["headers"]:
         headers.setdefault(name.decode("latin-1"), value)
-    key_hash = ctx.auth.key_hash(headers.get("authorization", b"").decode("latin-1"))
-    key_id = await ctx.auth.key_id(key_hash)
+    caller = await ctx.auth.authenticate(
+        headers.get("authorization", b"").decode("latin-1"), client_address(scope)
+    )
+    key_hash, key_id = caller.key_hash, caller.key_id
     model_path = _model_path(scope)
     target = await _subscription_target(ctx, headers)
+    await _check_quota(ctx, key_id)
     metadata = target.metadata
     metadata_json = orjson.dumps(metadata).decode() if metadata is not None else None
     idempotency_key = _idempotency_key(headers)
@@ -143,6 +147,19 @@ def _model_path(scope: Scope) -> str:
     return f"{path.provider}/{path.model}"
 
 
+async def _check_quota(ctx: ApiContext, key_id: str) -> None:
+    """429 `quota_exceeded` before anything is created upstream: once the upstream has
+    created (and charged for) a generation, its subscription is never refused."""
+    cap = ctx.settings.max_active_per_key
+    if await store.active_subscriptions(ctx.db, key_id, cap) >= cap:
+        raise ApiError(
+            429,
+            "quota_exceeded",
+            f"this key already has {cap} active subscriptions (RELAY_MAX_ACTIVE_PER_KEY); "
+            "nothing was created upstream",
+        )
+
+
 async def _subscription_target(ctx: ApiContext, headers: Mapping[str, bytes]) -> Any:
     """The Relay-* headers checked as a subscription's `callback_url` and `metadata`."""
     data: dict[str, Any] = {"generation_id": _PENDING_ID}
@@ -161,7 +178,7 @@ async def _subscription_target(ctx: ApiContext, headers: Mapping[str, bytes]) ->
             message = exc.message.replace("the body", "the header")
             details.append({"field": "Relay-Metadata", "message": message})
     try:
-        checked = await checked_subscription(ctx.settings, data)
+        checked = await checked_subscription(ctx, data)
     except ApiError as exc:
         details += [_renamed(detail) for detail in exc.details or ()]
         checked = None

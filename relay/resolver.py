@@ -1,11 +1,17 @@
 """Callback-URL checks that need the network: DNS at subscription time, and the resolver
-that vets every address a delivery connects to.
+that vets every address a delivery connects to. The two never share a thread pool, so
+lookups that hang at subscription time cannot hold up deliveries.
 
-- `vet_callback_url()`: parse a callback URL and, unless private callbacks are allowed,
-  refuse a host that is, or resolves to, a blocked address (addresses.is_blocked_ip);
+- `IntakeResolver.vet()`: parse a callback URL and, unless private callbacks are allowed,
+  refuse a host that is, or resolves to, a blocked address (addresses.is_blocked_ip). Its
+  DNS is c-ares (aiodns) in the event loop: a lookup that never gets an answer holds no
+  thread, at most `max_concurrent` lookups are in flight, and each has `timeout_s`. aiodns
+  because it answers without threads and can be pointed at another name server (tests
+  point it at one that never answers).
 - `VettingResolver`: the same check at delivery time, inside aiohttp's connector, on the
   very addresses the connection is then made to, so a DNS answer that changes between the
-  check and the connect cannot reach a private network.
+  check and the connect cannot reach a private network. Its lookups are the system's
+  getaddrinfo on a small thread pool of its own, not the event loop's default executor.
 
 It must not read settings (callers pass `allow_private`) or log.
 """
@@ -13,11 +19,15 @@ It must not read settings (callers pass `allow_private`) or log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
+from typing import Any, cast
 
+import aiodns
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
@@ -33,7 +43,14 @@ from relay.addresses import (
     parse_callback_url,
 )
 
-__all__ = ["VettingResolver", "vet_callback_url"]
+__all__ = ["IntakeResolver", "VettingResolver"]
+
+INTAKE_TIMEOUT_S = 2.0
+INTAKE_MAX_CONCURRENT = 32
+DELIVERY_DNS_THREADS = 8
+
+# A lookup: the addresses (as text) a host name resolves to; OSError if it does not resolve.
+Lookup = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
 class _PublicNames:
@@ -79,33 +96,87 @@ class _PublicNames:
         self._expires_at.clear()
 
 
-_public_names = _PublicNames(ttl_s=30.0, max_entries=1024)
+class IntakeResolver:
+    """The subscription-time address check, with DNS of its own (see the module docstring).
 
-
-async def vet_callback_url(
-    url: str, *, allow_private: bool, resolve_timeout_s: float = 2.0
-) -> CallbackTarget:
-    """Parse a callback URL and, unless `allow_private`, refuse blocked hosts.
-
-    A host name is refused when any address it resolves to is blocked, or when it does
-    not resolve. Raises CallbackURLError with a reason fit to show the client.
+    `nameservers`/`port` point it at other name servers than the system's; `lookup`
+    replaces DNS altogether (tests). Make it inside the event loop that will use it.
     """
-    target = parse_callback_url(url)
-    if allow_private:
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = INTAKE_TIMEOUT_S,
+        max_concurrent: int = INTAKE_MAX_CONCURRENT,
+        nameservers: Sequence[str] | None = None,
+        port: int | None = None,
+        lookup: Lookup | None = None,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._public_names = _PublicNames(ttl_s=30.0, max_entries=1024)
+        self._nameservers = nameservers
+        self._port = port
+        self._dns: aiodns.DNSResolver | None = None
+        self._lookup = lookup or self._c_ares
+
+    async def vet(self, url: str, *, allow_private: bool) -> CallbackTarget:
+        """Parse a callback URL and, unless `allow_private`, refuse blocked hosts.
+
+        A host name is refused when any address it resolves to is blocked, or when it
+        does not resolve in time. Raises CallbackURLError with a reason fit to show the
+        client.
+        """
+        target = parse_callback_url(url)
+        if allow_private:
+            return target
+        if target.ip is not None:
+            if is_blocked_ip(target.ip):
+                raise _private(target.host, target.ip)
+            return target
+        if is_localhost_name(target.host):
+            raise _private(target.host, IPv4Address("127.0.0.1"))
+        if target.host in self._public_names:
+            return target
+        for ip in await self._resolve(target.host, target.port):
+            if is_blocked_ip(ip):
+                raise _private(target.host, ip)
+        self._public_names.add(target.host)
         return target
-    if target.ip is not None:
-        if is_blocked_ip(target.ip):
-            raise _private(target.host, target.ip)
-        return target
-    if is_localhost_name(target.host):
-        raise _private(target.host, IPv4Address("127.0.0.1"))
-    if target.host in _public_names:
-        return target
-    for ip in await _resolve(target.host, target.port, resolve_timeout_s):
-        if is_blocked_ip(ip):
-            raise _private(target.host, ip)
-    _public_names.add(target.host)
-    return target
+
+    async def _resolve(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            # Waiting for a free slot counts against the same deadline as the lookup.
+            async with asyncio.timeout(self.timeout_s), self._slots:
+                addresses = await self._lookup(host, port)
+        except TimeoutError:
+            raise CallbackURLError(
+                f"host name {host} does not resolve (no answer within {self.timeout_s:g} s)"
+            ) from None
+        except (OSError, ValueError, aiodns.error.DNSError):  # ValueError: an odd name
+            raise CallbackURLError(f"host name {host} does not resolve") from None
+        if not addresses:
+            raise CallbackURLError(f"host name {host} does not resolve")
+        # An answer that is not an address is treated as the most restrictive kind.
+        return [address_or_unspecified(text) for text in addresses]
+
+    async def _c_ares(self, host: str, port: int) -> list[str]:
+        if self._dns is None:
+            options: dict[str, Any] = {"timeout": self.timeout_s, "tries": 1}
+            if self._port is not None:
+                options.update(udp_port=self._port, tcp_port=self._port)
+            self._dns = aiodns.DNSResolver(nameservers=self._nameservers, **options)
+        result = await self._dns.getaddrinfo(host, port=port, type=socket.SOCK_STREAM)
+        return [_text(node.addr[0]) for node in result.nodes]
+
+    async def close(self) -> None:
+        if self._dns is not None:
+            await self._dns.close()
+            self._dns = None
+
+
+def _text(address: bytes | str) -> str:
+    return address.decode("ascii", "replace") if isinstance(address, bytes) else address
 
 
 def _private(host: str, ip: IPAddress) -> CallbackURLError:
@@ -114,21 +185,23 @@ def _private(host: str, ip: IPAddress) -> CallbackURLError:
     )
 
 
-async def _resolve(host: str, port: int, timeout_s: float) -> list[IPAddress]:
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout_s):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except TimeoutError:
-        raise CallbackURLError(
-            f"host name {host} does not resolve (no answer within {timeout_s:g} s)"
-        ) from None
-    except (OSError, ValueError):  # socket.gaierror, or UnicodeError for an odd name
-        raise CallbackURLError(f"host name {host} does not resolve") from None
-    if not infos:
-        raise CallbackURLError(f"host name {host} does not resolve")
-    # An answer that is not an address is treated as the most restrictive kind.
-    return [address_or_unspecified(str(sockaddr[0])) for *_, sockaddr in infos]
+class _OwnPool:
+    """What aiohttp's ThreadedResolver asks of the event loop (getaddrinfo, getnameinfo),
+    run on a thread pool of its own rather than the loop's default executor."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threads: int) -> None:
+        self._loop = loop
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="relay-delivery-dns")
+
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        call = functools.partial(socket.getaddrinfo, *args, **kwargs)
+        return await self._loop.run_in_executor(self._pool, call)
+
+    async def getnameinfo(self, sockaddr: Any, flags: int = 0) -> Any:
+        return await self._loop.run_in_executor(self._pool, socket.getnameinfo, sockaddr, flags)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class VettingResolver(AbstractResolver):
@@ -146,14 +219,17 @@ class VettingResolver(AbstractResolver):
         self._allow_private = allow_private
         self._inner = inner
         self._owns_inner = inner is None
+        self._pool: _OwnPool | None = None
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         """Resolve `host`, keeping only addresses that are not blocked."""
         if self._inner is None:
-            # ThreadedResolver binds the running loop, so it is made on first use.
-            self._inner = ThreadedResolver()
+            # ThreadedResolver binds the running loop, so it is made on first use; its
+            # lookups go to this resolver's own threads.
+            self._pool = _OwnPool(asyncio.get_running_loop(), DELIVERY_DNS_THREADS)
+            self._inner = ThreadedResolver(cast(asyncio.AbstractEventLoop, self._pool))
         if self._allow_private:
             return await self._inner.resolve(host, port, family)
         if is_localhost_name(host):
@@ -189,6 +265,8 @@ class VettingResolver(AbstractResolver):
         """Close the wrapped resolver if this resolver made it."""
         if self._owns_inner and self._inner is not None:
             await self._inner.close()
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def _refused(host: str) -> BlockedAddressError:

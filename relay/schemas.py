@@ -1,4 +1,5 @@
-"""The API's shapes and every limit it enforces, each defined once.
+"""The API's shapes and every limit it enforces, each defined once (the metadata rules in
+metadata.py, re-exported here).
 
 Requests are validated by these models (the create body, the list query, the path id) and
 /openapi.json publishes the same models' JSON schemas, so the document cannot drift from what
@@ -13,7 +14,6 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,13 +29,31 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
 from relay.addresses import MAX_URL_CHARS
+from relay.metadata import (
+    METADATA_INT_MAX,
+    METADATA_INT_MIN,
+    METADATA_MAX_BYTES,
+    METADATA_MAX_DEPTH,
+    RefusedNumber,
+    check_metadata,
+    parse_json,
+)
 from relay.models import SubscriptionStatus
+
+__all__ = [
+    "METADATA_INT_MAX",
+    "METADATA_INT_MIN",
+    "METADATA_MAX_BYTES",
+    "METADATA_MAX_DEPTH",
+    "RefusedNumber",
+    "check_metadata",
+    "parse_json",
+]
 
 # --- Limits ---------------------------------------------------------------------------------
 
 BODY_MAX_BYTES = 64 * 1024
 HINT_BODY_MAX_BYTES = 256 * 1024  # an upstream webhook (push hint)
-METADATA_MAX_BYTES = 4 * 1024
 # The URL rule's own module (pure, also used at delivery time) holds the character limit.
 CALLBACK_URL_MAX_CHARS = MAX_URL_CHARS
 # Indexed for idempotency, and an index row has a size limit: the bytes are bounded too.
@@ -74,6 +92,10 @@ IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]+$"
 IDEMPOTENCY_KEY_RULE = (
     f"must be 1-{IDEMPOTENCY_KEY_MAX_CHARS} printable ASCII characters (a UUID is a good key)"
 )
+# The shape of a callback URL, as far as a pattern can tell (the document publishes it); the
+# URL rule itself is addresses.parse_callback_url, and whether the host may be called needs DNS.
+CALLBACK_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#@]+([/?#]\S*)?$"
+CALLBACK_URL_RULE = "must be an absolute http or https URL, without spaces or a user:password part"
 # `sub_` + 26 Crockford base32 characters (ids.py): what every subscription id looks like.
 SUBSCRIPTION_ID_PATTERN = r"^sub_[0-9A-HJKMNP-TV-Z]{26}$"
 SUBSCRIPTION_ID_RULE = "must be a subscription id (sub_ and 26 characters of Crockford base32)"
@@ -119,14 +141,6 @@ def _utf8_within_limit(url: str) -> str:
     return url
 
 
-def _metadata_within_limit(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
-    if metadata is not None and len(orjson.dumps(metadata)) > METADATA_MAX_BYTES:
-        raise PydanticCustomError(
-            "too_large", f"must be at most {METADATA_MAX_BYTES // 1024} KiB when serialized"
-        )
-    return metadata
-
-
 def _list_limit(value: Any) -> Any:
     """Query values are text: only plain ASCII digits are a number (not " 5", "5.0", "²")."""
     if isinstance(value, str):
@@ -149,15 +163,18 @@ SubscriptionId = Annotated[str, Matches(SUBSCRIPTION_ID_PATTERN, SUBSCRIPTION_ID
 CallbackUrl = Annotated[
     str,
     StringConstraints(min_length=1, max_length=CALLBACK_URL_MAX_CHARS),
+    Matches(CALLBACK_URL_PATTERN, CALLBACK_URL_RULE),
     AfterValidator(_utf8_within_limit),
 ]
-# A BeforeValidator wraps what stands left of it: written last, the text check runs first and
-# the range stays in the schema as minimum and maximum.
 IdempotencyKey = Annotated[
     str,
     StringConstraints(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS),
     Matches(IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE),
 ]
+# Anything else that accepts metadata (a header, another route) validates it with this type.
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(check_metadata)]
+# A BeforeValidator wraps what stands left of it: written last, the text check runs first and
+# the range stays in the schema as minimum and maximum.
 ListLimit = Annotated[
     int, Field(ge=LIST_LIMIT_MIN, le=LIST_LIMIT_MAX), BeforeValidator(_list_limit)
 ]
@@ -185,11 +202,13 @@ class SubscriptionCreate(BaseModel):
         # A literal public address: the example works where no DNS answers.
         examples=["https://93.184.216.34/hooks/gen"],
     )
-    metadata: Annotated[dict[str, Any] | None, AfterValidator(_metadata_within_limit)] = Field(
+    metadata: Metadata = Field(
         default=None,
         description=(
-            f"Any JSON object, at most {METADATA_MAX_BYTES // 1024} KiB serialized; "
-            "stored and shown back."
+            f"Any JSON object, at most {METADATA_MAX_BYTES // 1024} KiB serialized and "
+            f"{METADATA_MAX_DEPTH} levels of objects and arrays deep (the object itself is "
+            "level 1); integers within the signed 64-bit range, no NaN or Infinity. Stored "
+            "and shown back exactly as sent."
         ),
         examples=[{"order": 42}],
     )
@@ -323,6 +342,8 @@ ErrorCode = Literal[
     "payload_too_large",
     "validation_error",
     "rate_limited",
+    "quota_exceeded",
+    "request_timeout",
     "unavailable",
     "upstream_unavailable",
     "upstream_timeout",
@@ -330,6 +351,7 @@ ErrorCode = Literal[
     "idempotency_mismatch",
     "idempotency_in_progress",
     "idempotency_outcome_unknown",
+    "internal_error",
 ]
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 
 from relay.addresses import BlockedAddressError
 from relay.resolver import VettingResolver
@@ -68,13 +68,18 @@ class AiohttpSender:
         self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float
     ) -> SendResult:
         try:
-            # aiohttp does not ask the resolver about literal IPs: vet those here.
-            self._resolver.check_literal(urlsplit(url).hostname or "")
+            # One parse for the check and the connection: the host as aiohttp connects to it
+            # (another parser read "127。0。0。1" as a name; yarl reads 127.0.0.1). aiohttp
+            # does not ask the resolver about literal IPs: vet those here.
+            target = yarl.URL(url)
+            self._resolver.check_literal(target.raw_host or "")
         except BlockedAddressError as exc:
             return SendResult(status_code=None, error=str(exc))
+        except ValueError as exc:
+            return SendResult(status_code=None, error=f"invalid callback URL: {exc}"[:300])
         try:
             async with self._get_session().post(
-                url,
+                target,
                 data=body,
                 headers=dict(headers),
                 allow_redirects=False,

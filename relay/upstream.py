@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+import yarl
 
 from relay import __version__
 from relay.retry import parse_retry_after
@@ -30,7 +31,9 @@ from relay.statuses import normalize_status
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 * 2**20  # a final result is a small JSON object; refuse a runaway body
+# A final result is a small JSON object with URLs: refuse a runaway body (up to
+# RELAY_POLL_CONCURRENCY are read at once). RELAY_UPSTREAM_MAX_BODY changes it.
+MAX_BODY_BYTES = 2**20
 
 PollKind = Literal["ok", "not_found", "unauthorized", "rate_limited", "error"]
 ListKind = Literal["ok", "unsupported", "unauthorized", "rate_limited", "error"]
@@ -78,6 +81,7 @@ class UpstreamClient:
         *,
         timeout_s: float,
         max_connections: int = 64,
+        max_body_bytes: int = MAX_BODY_BYTES,
         connector: aiohttp.BaseConnector | None = None,
     ) -> None:
         self._headers = {"accept": "application/json", "user-agent": f"relay/{__version__}"}
@@ -86,6 +90,7 @@ class UpstreamClient:
         self._base = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_connections = max_connections
+        self._max_body_bytes = max_body_bytes
         self._connector = connector
         self._session: aiohttp.ClientSession | None = None
 
@@ -104,16 +109,20 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
 
+    def generation_url(self, generation_id: str) -> yarl.URL:
+        """`{base}/v1/generation/{id}` with the id as one opaque path segment."""
+        return generation_url(self._base, generation_id)
+
     async def poll(self, generation_id: str) -> PollResult:
-        url = f"{self._base}/v1/generation/{quote(generation_id, safe='')}"
+        url = self.generation_url(generation_id)
         try:
             async with self._get_session().get(url, allow_redirects=False) as response:
-                content = await _read_limited(response, MAX_BODY_BYTES)
+                content = await _read_limited(response, self._max_body_bytes)
                 if content is None:
                     return PollResult(
                         kind="error",
                         http_status=response.status,
-                        error=f"upstream body over {MAX_BODY_BYTES // 2**20} MiB",
+                        error=f"upstream body over {self._max_body_bytes} bytes",
                     )
                 return classify(response.status, content, response.headers.get("retry-after"))
         except TimeoutError:
@@ -137,6 +146,17 @@ class UpstreamClient:
             return RunningList(kind="error", error="upstream timed out")
         except (aiohttp.ClientError, OSError) as exc:
             return RunningList(kind="error", error=f"upstream unreachable: {type(exc).__name__}")
+
+
+def generation_url(base: str, generation_id: str) -> yarl.URL:
+    """The poll URL of a generation, whatever characters its id holds.
+
+    Every character outside RFC 3986's unreserved set is percent-encoded, and "." too, so no
+    id can be a dot segment ("." or "..") that a URL library or a server would resolve into
+    another path; the URL is handed to aiohttp as encoded, so it is sent exactly so.
+    """
+    segment = quote(generation_id, safe="").replace(".", "%2E")
+    return yarl.URL(f"{base}/v1/generation/{segment}", encoded=True)
 
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from relay import migrate
-from relay.database import Database, open_database
+from relay.database import Database
 from relay.simulator import FakeUpstream, FakeUpstreamConfig, create_fake_upstream
 from tests.helpers import (
     PG_AVAILABLE,
@@ -25,6 +25,7 @@ from tests.helpers import (
     create_pg_database,
     drop_pg_database,
     empty_pg_tables,
+    open_test_database,
     serve_in_thread,
     serve_receiver,
 )
@@ -59,7 +60,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any, pg_template_url: str |
 
 @pytest.fixture
 async def db(db_url: str) -> AsyncIterator[Database]:
-    database = open_database(db_url)
+    database = open_test_database(db_url)
     await database.sync_clock()
     yield database
     await database.dispose()

@@ -37,12 +37,14 @@ from starlette.routing import Route
 
 from relay import store
 from relay.config import Settings
-from relay.database import open_database
+from relay.database import Database, open_database
 from relay.models import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("RELAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 UPSTREAM_KEY = "upstream-test-key"
+# RELAY_SECRET_KEY of the tests' relays and databases (never a real one).
+TEST_SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
 
 # --- Databases ----------------------------------------------------------------------------------
 
@@ -127,8 +129,13 @@ def sync_count(url: str, sql: str) -> int:
     return asyncio.run(run())
 
 
+def open_test_database(url: str) -> Database:
+    """A Database for `url` that seals and opens secrets under TEST_SECRET_KEY."""
+    return open_database(url, secret_key=TEST_SECRET_KEY)
+
+
 async def new_key(database_url: str, name: str = "test") -> store.NewKey:
-    database = open_database(database_url)
+    database = open_test_database(database_url)
     try:
         return await store.create_key(database, name)
     finally:
@@ -143,6 +150,7 @@ def fast_settings(
         database_url=db_url,
         upstream_url=upstream_url,
         upstream_api_key=UPSTREAM_KEY,
+        secret_key=TEST_SECRET_KEY,
         upstream_timeout_s=2.0,
         upstream_max_rps=1000.0,
         poll_min_interval_s=0.05,
@@ -282,7 +290,11 @@ async def process(
     unless the test ended it."""
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
-            *args, env={**os.environ, **env}, stdout=log, stderr=log, cwd=cwd
+            *args,
+            env={**os.environ, "RELAY_SECRET_KEY": TEST_SECRET_KEY, **env},
+            stdout=log,
+            stderr=log,
+            cwd=cwd,
         )
     try:
         async with asyncio.timeout(startup_timeout_s), httpx.AsyncClient(timeout=1) as probe:

@@ -6,7 +6,6 @@ import asyncio
 import socket
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any
 
 import aiohttp
 import pytest
@@ -25,7 +24,7 @@ from relay.addresses import (
     parse_callback_url,
     receiver_host,
 )
-from relay.resolver import VettingResolver, vet_callback_url
+from relay.resolver import IntakeResolver, VettingResolver
 from tests.helpers import serve_in_thread
 
 BLOCKED = [
@@ -237,38 +236,25 @@ def test_callback_url_error_is_a_value_error() -> None:
 # --- vet_callback_url ------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _fresh_resolution_cache() -> Iterator[None]:
-    resolver._public_names.clear()
-    yield
-    resolver._public_names.clear()
-
-
 class FakeDNS:
-    """Stands in for the event loop's getaddrinfo and counts the lookups."""
+    """Stands in for the intake resolver's DNS and counts the lookups."""
 
     def __init__(self, answers: dict[str, list[str]], delay_s: float = 0.0) -> None:
         self.answers = answers
         self.delay_s = delay_s
         self.lookups: list[str] = []
 
-    async def getaddrinfo(self, host: str, port: int, **kwargs: Any) -> list[Any]:
+    async def lookup(self, host: str, port: int) -> list[str]:
         self.lookups.append(host)
         await asyncio.sleep(self.delay_s)
         if host not in self.answers:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        infos: list[Any] = []
-        for text in self.answers[host]:
-            if ":" in text:
-                infos.append((socket.AF_INET6, socket.SOCK_STREAM, 6, "", (text, port, 0, 0)))
-            else:
-                infos.append((socket.AF_INET, socket.SOCK_STREAM, 6, "", (text, port)))
-        return infos
+        return list(self.answers[host])
 
 
 @pytest.fixture
-async def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    fake = FakeDNS(
+async def fake_dns() -> FakeDNS:
+    return FakeDNS(
         {
             "public.example": ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"],
             "mixed.example": ["93.184.216.34", "10.0.0.7"],
@@ -276,22 +262,27 @@ async def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
             "rebind.example": ["127.0.0.1"],
         }
     )
-    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fake.getaddrinfo)
-    return fake
 
 
-async def test_allow_private_skips_every_address_check(fake_dns: FakeDNS) -> None:
+@pytest.fixture
+async def intake(fake_dns: FakeDNS) -> IntakeResolver:
+    return IntakeResolver(lookup=fake_dns.lookup)
+
+
+async def test_allow_private_skips_every_address_check(
+    fake_dns: FakeDNS, intake: IntakeResolver
+) -> None:
     """With private callbacks allowed, loopback URLs pass and DNS is never asked."""
-    target = await vet_callback_url("http://localhost:8000/hook", allow_private=True)
+    target = await intake.vet("http://localhost:8000/hook", allow_private=True)
     assert target == CallbackTarget("http", "localhost", 8000, None)
-    assert (await vet_callback_url("http://127.0.0.1:9/", allow_private=True)).ip == LOOPBACK
+    assert (await intake.vet("http://127.0.0.1:9/", allow_private=True)).ip == LOOPBACK
     assert fake_dns.lookups == []
 
 
-async def test_allow_private_still_checks_syntax() -> None:
+async def test_allow_private_still_checks_syntax(intake: IntakeResolver) -> None:
     """Allowing private callbacks does not allow malformed URLs."""
     with pytest.raises(CallbackURLError, match="user name or password"):
-        await vet_callback_url("http://u:p@localhost/", allow_private=True)
+        await intake.vet("http://u:p@localhost/", allow_private=True)
 
 
 @pytest.mark.parametrize(
@@ -310,16 +301,20 @@ async def test_allow_private_still_checks_syntax() -> None:
         "http://0/",
     ],
 )
-async def test_blocked_literal_hosts_are_refused(url: str, fake_dns: FakeDNS) -> None:
+async def test_blocked_literal_hosts_are_refused(
+    url: str, fake_dns: FakeDNS, intake: IntakeResolver
+) -> None:
     """A host that is a blocked address, in any spelling, is refused without DNS."""
     with pytest.raises(CallbackURLError, match="resolves to a private/loopback address"):
-        await vet_callback_url(url, allow_private=False)
+        await intake.vet(url, allow_private=False)
     assert fake_dns.lookups == []
 
 
-async def test_public_literal_host_passes_without_dns(fake_dns: FakeDNS) -> None:
+async def test_public_literal_host_passes_without_dns(
+    fake_dns: FakeDNS, intake: IntakeResolver
+) -> None:
     """A public address literal is accepted as it is."""
-    target = await vet_callback_url("https://93.184.216.34/hook", allow_private=False)
+    target = await intake.vet("https://93.184.216.34/hook", allow_private=False)
     assert target.ip == V4("93.184.216.34")
     assert fake_dns.lookups == []
 
@@ -327,16 +322,20 @@ async def test_public_literal_host_passes_without_dns(fake_dns: FakeDNS) -> None
 @pytest.mark.parametrize(
     "url", ["http://localhost/", "http://LOCALHOST.:8080/", "http://app.localhost/"]
 )
-async def test_localhost_names_are_refused_without_asking_dns(url: str, fake_dns: FakeDNS) -> None:
+async def test_localhost_names_are_refused_without_asking_dns(
+    url: str, fake_dns: FakeDNS, intake: IntakeResolver
+) -> None:
     """localhost and *.localhost are loopback by definition; DNS is not consulted."""
     with pytest.raises(CallbackURLError, match="resolves to a private/loopback address"):
-        await vet_callback_url(url, allow_private=False)
+        await intake.vet(url, allow_private=False)
     assert fake_dns.lookups == []
 
 
-async def test_name_resolving_to_public_addresses_passes(fake_dns: FakeDNS) -> None:
+async def test_name_resolving_to_public_addresses_passes(
+    fake_dns: FakeDNS, intake: IntakeResolver
+) -> None:
     """A host name whose every address is public is accepted."""
-    target = await vet_callback_url("https://public.example/hook", allow_private=False)
+    target = await intake.vet("https://public.example/hook", allow_private=False)
     assert target == CallbackTarget("https", "public.example", 443, None)
     assert fake_dns.lookups == ["public.example"]
 
@@ -350,18 +349,18 @@ async def test_name_resolving_to_public_addresses_passes(fake_dns: FakeDNS) -> N
     ],
 )
 async def test_name_resolving_to_any_blocked_address_is_refused(
-    host: str, address: str, fake_dns: FakeDNS
+    host: str, address: str, fake_dns: FakeDNS, intake: IntakeResolver
 ) -> None:
     """One blocked address among the answers is enough to refuse the host name."""
     with pytest.raises(CallbackURLError, match=f"host {host} resolves to a private/loop") as info:
-        await vet_callback_url(f"https://{host}/hook", allow_private=False)
+        await intake.vet(f"https://{host}/hook", allow_private=False)
     assert address in str(info.value)
 
 
-async def test_unresolvable_name_is_refused(fake_dns: FakeDNS) -> None:
+async def test_unresolvable_name_is_refused(fake_dns: FakeDNS, intake: IntakeResolver) -> None:
     """A host name that does not resolve is refused with that reason."""
     with pytest.raises(CallbackURLError, match=r"host name nowhere\.invalid does not resolve"):
-        await vet_callback_url("https://nowhere.invalid/hook", allow_private=False)
+        await intake.vet("https://nowhere.invalid/hook", allow_private=False)
 
 
 async def test_slow_resolution_is_cut_off(fake_dns: FakeDNS) -> None:
@@ -371,25 +370,25 @@ async def test_slow_resolution_is_cut_off(fake_dns: FakeDNS) -> None:
         with pytest.raises(
             CallbackURLError, match=r"does not resolve \(no answer within 0\.05 s\)"
         ):
-            await vet_callback_url(
-                "https://public.example/", allow_private=False, resolve_timeout_s=0.05
+            await IntakeResolver(lookup=fake_dns.lookup, timeout_s=0.05).vet(
+                "https://public.example/", allow_private=False
             )
 
 
-async def test_public_resolutions_are_cached(fake_dns: FakeDNS) -> None:
+async def test_public_resolutions_are_cached(fake_dns: FakeDNS, intake: IntakeResolver) -> None:
     """Repeated vetting of one public host name costs one lookup."""
     for _ in range(100):
-        await vet_callback_url("https://public.example/hook", allow_private=False)
+        await intake.vet("https://public.example/hook", allow_private=False)
     assert fake_dns.lookups == ["public.example"]
 
 
-async def test_refusals_are_not_cached(fake_dns: FakeDNS) -> None:
+async def test_refusals_are_not_cached(fake_dns: FakeDNS, intake: IntakeResolver) -> None:
     """A refused host name is looked up again next time, so a fixed DNS record is seen."""
     for _ in range(2):
         with pytest.raises(CallbackURLError):
-            await vet_callback_url("https://mixed.example/", allow_private=False)
+            await intake.vet("https://mixed.example/", allow_private=False)
     fake_dns.answers["mixed.example"] = ["93.184.216.34"]
-    await vet_callback_url("https://mixed.example/", allow_private=False)
+    await intake.vet("https://mixed.example/", allow_private=False)
     assert fake_dns.lookups == ["mixed.example"] * 3
 
 

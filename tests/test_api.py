@@ -20,7 +20,6 @@ import pytest
 
 from relay import migrate, store
 from relay.app import create_app
-from relay.database import open_database
 from relay.schemas import AttemptList, ErrorBody, Health, Readiness, SubscriptionList
 from tests.apiclient import (
     OTHER_PUBLIC_HOOK,
@@ -40,6 +39,7 @@ from tests.helpers import (
     drop_pg_database,
     fast_settings,
     new_key,
+    open_test_database,
 )
 
 
@@ -80,7 +80,7 @@ def module_db_url(
 
 async def _seed(db_url: str) -> tuple[str, str, str]:
     """(a live key, a revoked key, a subscription id of a third key)."""
-    db = open_database(db_url)
+    db = open_test_database(db_url)
     try:
         live = await store.create_key(db, "table")
         revoked = await store.create_key(db, "revoked")
@@ -145,6 +145,25 @@ async def test_create_is_201_then_200_with_the_same_subscription(api: Api, key: 
     assert again.id == first.id
     listed = expect(await api.request("GET", "/v1/subscriptions", key=key), 200, SubscriptionList)
     assert [s.id for s in listed.items] == [first.id]
+
+
+async def test_metadata_at_the_limits_is_stored_and_shown_back_exactly(api: Api, key: str) -> None:
+    """Metadata 32 levels deep with the extreme 64-bit integers comes back exactly as sent."""
+    metadata = {
+        "deep": nested(31),
+        "max": 2**63 - 1,
+        "min": -(2**63),
+        "list": [0.1, 1e300, -0.0, True, None, "é\u2028"],
+    }
+    raw = json.dumps(
+        {"generation_id": "gen_meta_limits", "callback_url": PUBLIC_HOOK, "metadata": metadata}
+    ).encode()
+    created = await api.request("POST", "/v1/subscriptions", key=key, content=raw)
+    assert created.status_code == 201, created.text
+    assert json.loads(created.content)["metadata"] == metadata
+    got = await api.request("GET", f"/v1/subscriptions/{created.json()['id']}", key=key)
+    assert json.loads(got.content)["metadata"] == metadata
+    assert "9223372036854775807" in got.text and "-9223372036854775808" in got.text
 
 
 async def test_create_for_another_url_or_generation_is_a_new_subscription(
@@ -311,7 +330,7 @@ async def test_revoked_key_is_refused_at_once(api: Api, served: Served) -> None:
     """The request right after store.revoke_key is 401, with no restart or cache delay."""
     new = await new_key(served.db_url, "to-revoke")
     expect(await api.request("GET", "/v1/subscriptions", key=new.api_key), 200, SubscriptionList)
-    db = open_database(served.db_url)
+    db = open_test_database(served.db_url)
     try:
         assert await store.revoke_key(db, new.id)
     finally:
@@ -451,6 +470,31 @@ def wrong_method(method: str, path: str) -> Row:
 
 
 OVER_64_KIB = {"x": "a" * (64 * 1024 + 1)}
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """A metadata object `levels` levels deep (itself level 1)."""
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def deep_list(levels: int) -> list[Any]:
+    value: list[Any] = [1]
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def raw_metadata(description: str, metadata_text: str) -> Row:
+    raw = b'{"generation_id": "gen_1", "callback_url": "%s", "metadata": %s}' % (
+        PUBLIC_HOOK.encode(),
+        metadata_text.encode(),
+    )
+    return Row(description, "POST", SUBS, AUTH, raw, 422, "validation_error", "metadata")
+
+
 CHUNKS_OVER_64_KIB = [b'{"metadata": {"x": "', *[b"a" * 8192] * 9, b'"}}']
 
 BAD_INPUTS = [
@@ -477,6 +521,22 @@ BAD_INPUTS = [
     too_large("body over 64 KiB", body(metadata=OVER_64_KIB)),
     too_large("body over 64 KiB, chunked", CHUNKS_OVER_64_KIB),
     bad_field("metadata over 4 KiB", "metadata", metadata={"x": "a" * 4100}),
+    # Metadata: depth and numbers (refused, never changed).
+    bad_field("metadata 33 levels deep", "metadata", metadata=nested(33)),
+    bad_field("metadata 300 levels deep", "metadata", metadata=nested(300)),
+    bad_field("metadata array 40 levels deep", "metadata", metadata={"a": deep_list(39)}),
+    raw_metadata("metadata integer 2**64", '{"n": 18446744073709551616}'),
+    raw_metadata("metadata integer 2**63", '{"n": 9223372036854775808}'),
+    raw_metadata("metadata integer below -2**63", '{"n": [-9223372036854775809]}'),
+    raw_metadata("metadata integer of 400 digits", '{"n": %s}' % ("9" * 400)),
+    raw_metadata("metadata NaN", '{"n": NaN}'),
+    raw_metadata("metadata Infinity", '{"n": {"m": Infinity}}'),
+    raw_metadata("metadata -Infinity", '{"n": -Infinity}'),
+    raw_metadata("metadata 1e400", '{"n": 1e400}'),
+    not_json(
+        "metadata nested past the parser's limit",
+        b'{"metadata": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001,
+    ),
     # generation_id.
     bad_field("generation_id of 129 characters", "generation_id", generation_id="g" * 129),
     bad_field("generation_id with a slash", "generation_id", generation_id="gen/1"),

@@ -296,8 +296,9 @@ async def test_private_addresses_are_refused_at_delivery(
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Without private callbacks, a name resolving to 127.0.0.1, `localhost` and a literal
-    127.0.0.1 are refused at delivery: the receiver gets nothing."""
+    """Without private callbacks, a name resolving to 127.0.0.1, `localhost`, a literal
+    127.0.0.1 and 127。0。0。1 (ideographic full stops) are refused at delivery: the receiver
+    gets nothing."""
     sim, upstream_url = fake_upstream
     key = await new_key(db_url)
     gen = final_generation(sim, "gen_private")
@@ -315,6 +316,8 @@ async def test_private_addresses_are_refused_at_delivery(
         f"http://{MAPPED_HOST}:{port}/mapped",
         f"http://localhost:{port}/localhost",
         f"http://127.0.0.1:{port}/literal",
+        # Ideographic full stops: yarl (aiohttp's parser) reads this as 127.0.0.1.
+        f"http://127\u30020\u30020\u30021:{port}/ideographic",
     ]
     # Subscriptions were accepted by a relay that allowed private callbacks; the worker
     # that delivers them does not.

@@ -13,12 +13,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import insert, update
 
+from relay import store
+from relay.database import Database
+from relay.models import (
+    CallbackEvent,
+    DeliveryStatus,
+    SubscriptionStatus,
+    deliveries,
+    subscriptions,
+)
 from relay.sender import EXCERPT_BYTES
 from relay.simulator import FakeUpstream
+from relay.store._sql import delivery_row
 from tests.delivery import (
     SCHEDULE_S,
     assert_callback,
@@ -30,7 +42,7 @@ from tests.delivery import (
     subscribe,
     wait_status,
 )
-from tests.helpers import fast_settings, new_key, wait_for
+from tests.helpers import fast_settings, new_key, open_test_database, wait_for
 from tests.senders import HANG, Answer, ScriptedSender
 
 RECEIVER = "https://receiver.test"  # never connected to: the scripted sender answers
@@ -289,7 +301,7 @@ async def test_redeliver_sends_the_same_message_again(
         assert answer.status_code == 202, answer.text
 
         async def second_attempt_recorded() -> dict[str, Any] | None:
-            # A delivered subscription stays delivered while redelivered: wait for the count.
+            # Active while redelivered, delivered again once its attempt is recorded.
             now = await get_sub(client, sub["id"])
             return now if now["attempts"] == 2 else None
 
@@ -307,6 +319,65 @@ async def test_redeliver_sends_the_same_message_again(
     assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 200), (2, 200)]
     assert {a["webhook_id"] for a in attempts} == {first.headers["webhook-id"]}
     assert done["attempts"] == 2 and done["status"] == "delivered"
+
+
+async def test_redeliver_past_retention_is_never_pruned_before_it_is_sent(
+    db_url: str, fake_upstream: tuple[FakeUpstream, str], sender: ScriptedSender
+) -> None:
+    """Redeliver of a subscription delivered longer than RELAY_RETENTION ago makes it active
+    with a fresh updated_at; pruning then keeps it and its pending delivery, which is sent."""
+    sim, upstream_url = fake_upstream
+    key = await new_key(db_url)
+    gen = final_generation(sim, "gen_old")
+    settings = fast_settings(db_url, upstream_url, retention_s=0.5)
+    async with running_relay(settings, key, sender=sender) as client:
+        sub = await subscribe(client, gen.id, f"{RECEIVER}/old")
+        delivered = await wait_status(client, sub["id"], "delivered")
+    await asyncio.sleep(0.7)  # now past retention
+    # An API-only relay: the redelivery stays pending while pruning runs.
+    async with running_relay(settings, key, role="api") as client:
+        answer = await client.post(f"/v1/subscriptions/{sub['id']}/redeliver")
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["status"] == "active"
+        assert answer.json()["updated_at"] >= delivered["updated_at"]
+        db = open_test_database(db_url)
+        try:
+            await store.prune(db, settings.retention_s)
+        finally:
+            await db.dispose()
+        kept = await get_sub(client, sub["id"])
+        assert kept["status"] == "active"
+    async with running_relay(settings, key, sender=sender) as client:
+        again = await wait_status(client, sub["id"], "delivered")
+    assert len(sender.on("/old")) == 2
+    assert again["attempts"] == 2
+
+
+async def test_pruning_keeps_a_finished_subscription_with_a_pending_delivery(db: Database) -> None:
+    """A subscription past retention that still has a pending delivery is not pruned; once
+    the delivery is over it is."""
+    key = await store.create_key(db, "prune")
+    outcome = await store.create_subscriptions(
+        db, [store.CreateRequest(store.hash_api_key(key.api_key), "gen_p", "http://x.test/", None)]
+    )
+    sub = outcome.results[0].subscription
+    assert sub is not None
+    old = db.now() - timedelta(seconds=3600)
+    async with db.transaction() as conn:
+        await conn.execute(
+            update(subscriptions)
+            .where(subscriptions.c.id == sub["id"])
+            .values(status=SubscriptionStatus.DELIVERED, updated_at=old)
+        )
+        await conn.execute(
+            insert(deliveries).values(
+                **delivery_row(sub["id"], "http://x.test/", CallbackEvent.COMPLETED, "{}", old)
+            )
+        )
+    assert await store.prune(db, 60) == 0
+    async with db.transaction() as conn:
+        await conn.execute(update(deliveries).values(status=DeliveryStatus.DELIVERED))
+    assert await store.prune(db, 60) == 1
 
 
 async def test_expiry_notice_is_delivered(

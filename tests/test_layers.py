@@ -22,7 +22,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay relay.errors relay.ids relay.simulator relay.metrics",
         "relay.outages relay.logs relay.cached",
         "relay.config relay.addresses relay.retry relay.schedule relay.signing relay.ratelimit"
-        " relay.statuses"
+        " relay.statuses relay.secretbox relay.quota relay.metadata"
         " relay.batching relay.hostslots",
         "relay.models relay.database relay.migrate",
         "relay.schemas",
@@ -32,7 +32,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "relay.health relay.signals relay.hints relay.draining relay.poller relay.deliverer"
         " relay.sweeps relay.streams",
         "relay.worker",
-        "relay.http relay.auth",
+        "relay.http relay.auth relay.guards",
         "relay.api relay.probes relay.openapi relay.intake relay.dashboard relay.admin",
         "relay.idempotency relay.proxy_request relay.proxy",
         "relay.app",
@@ -46,6 +46,7 @@ API_SIDE = frozenset(
     [
         "relay.http",
         "relay.auth",
+        "relay.guards",
         "relay.api",
         "relay.probes",
         "relay.openapi",

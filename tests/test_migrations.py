@@ -26,7 +26,8 @@ from sqlalchemy.pool import NullPool
 
 from relay import migrate
 from relay.models import metadata
-from tests.helpers import drop_pg_database, pg_url_for_new_database, sync_count
+from relay.secretbox import SecretBox, SecretKeyError
+from tests.helpers import TEST_SECRET_KEY, drop_pg_database, pg_url_for_new_database, sync_count
 
 RELAY_TABLES = {
     "api_keys",
@@ -147,15 +148,48 @@ def test_0002_names_the_host_of_pending_deliveries(empty_url: str) -> None:
         )
     sync_execute(empty_url, statements)
 
-    migrate.upgrade(empty_url)
+    migrate.upgrade(empty_url, secret_key=TEST_SECRET_KEY)
     assert "ix_deliveries_host_due" in index_names(empty_url, "deliveries")
     hosts = sync_rows(empty_url, "SELECT id, host FROM deliveries ORDER BY id")
     assert hosts == [(1, "hooks.example.com:443"), (2, "93.184.216.34:8080"), (3, None)]
 
-    migrate.downgrade(empty_url, "0001")
+    migrate.downgrade(empty_url, "0001", secret_key=TEST_SECRET_KEY)
     assert "ix_deliveries_host_due" not in index_names(empty_url, "deliveries")
     assert sync_count(empty_url, "SELECT count(*) FROM deliveries") == 3
-    migrate.upgrade(empty_url)
+    migrate.upgrade(empty_url, secret_key=TEST_SECRET_KEY)
+    command.check(migrate.alembic_config(empty_url))
+
+
+def test_0004_seals_the_signing_secrets_in_the_clear_and_opens_them_going_down(
+    empty_url: str,
+) -> None:
+    """A database at 0002 with keys: upgrading seals each signing secret under the key
+    (bound to its key id), downgrading opens them again; without a key it stops with one
+    reason naming RELAY_SECRET_KEY and leaves the database at 0002."""
+    migrate.upgrade(empty_url, "0002")
+    now = "2026-11-28 12:00:00"
+    secrets = {"key_1": "whsec_" + "A" * 43 + "=", "key_2": "whsec_" + "B" * 43 + "="}
+    sync_execute(
+        empty_url,
+        [
+            "INSERT INTO api_keys (id, name, key_hash, key_prefix, signing_secret, created_at)"
+            f" VALUES ('{key_id}', 'k', 'h{key_id}', 'p', '{secret}', '{now}')"
+            for key_id, secret in secrets.items()
+        ],
+    )
+    with pytest.raises(SecretKeyError, match="RELAY_SECRET_KEY"):
+        migrate.upgrade(empty_url)
+    migrate.upgrade(empty_url, secret_key=TEST_SECRET_KEY)
+    box = SecretBox(TEST_SECRET_KEY)
+    rows = dict(sync_rows(empty_url, "SELECT id, signing_secret FROM api_keys ORDER BY id"))
+    for key_id, secret in secrets.items():
+        assert rows[key_id].startswith("v1:") and secret not in rows[key_id]
+        assert box.open(rows[key_id], key_id) == secret
+    with pytest.raises(SecretKeyError):
+        box.open(rows["key_1"], "key_2")  # bound to its own key
+    migrate.downgrade(empty_url, "0002", secret_key=TEST_SECRET_KEY)
+    assert dict(sync_rows(empty_url, "SELECT id, signing_secret FROM api_keys")) == secrets
+    migrate.upgrade(empty_url, secret_key=TEST_SECRET_KEY)
     command.check(migrate.alembic_config(empty_url))
 
 

@@ -21,13 +21,13 @@ from standardwebhooks.webhooks import Webhook
 
 from relay.app import create_app
 from relay.config import Settings
-from relay.database import open_database
 from relay.simulator import FakeUpstream, FinalStatus
 from tests.helpers import (
     UPSTREAM_KEY,
     Receiver,
     fast_settings,
     new_key,
+    open_test_database,
     relay_process,
     serve_in_thread,
     wait_for,
@@ -135,7 +135,7 @@ def gaps(times: list[float]) -> list[float]:
 
 
 async def db_scalar(db_url: str, sql: str) -> Any:
-    database = open_database(db_url)
+    database = open_test_database(db_url)
     try:
         async with asyncio.timeout(10), database.reader() as conn:
             return (await conn.execute(text(sql))).scalar_one()

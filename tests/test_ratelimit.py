@@ -105,3 +105,13 @@ def test_a_flood_of_keys_does_not_remember_them_all() -> None:
         limiter.check(f"k{n}")
     assert all(limiter.check(f"k{n}") > 0.0 for n in range(9_990, 10_000))
     assert all(limiter.check(f"k{n}") == 0.0 for n in range(10))
+
+
+def test_peek_says_what_check_would_without_taking() -> None:
+    """peek answers like check but takes nothing, and makes no bucket for a new key."""
+    limiter = KeyedLimiter(rate=1.0, burst=1.0)
+    assert limiter.peek("a") == 0.0
+    assert limiter.peek("a") == 0.0
+    assert limiter.check("a") == 0.0
+    assert limiter.peek("a") > 0
+    assert limiter.check("a") > 0

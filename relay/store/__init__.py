@@ -7,9 +7,10 @@ other. Every completion checks that the caller still owns the lease, so a proces
 ran out cannot overwrite the work of the one that took over. The pattern is written once, in
 _leases.py, for both leased tables.
 
-Lock order, for every writer that takes more than one: generation, then deliveries, then
-subscriptions (create, cancel, record a poll, record attempts, redeliver, record a create
-made through the relay). Nodes therefore
+Lock order, for every writer that takes more than one: key, then generation, then
+deliveries, then subscriptions (create, cancel, revoke, record a poll, record attempts,
+redeliver, record a create made through the relay; a create holds its keys shared, a
+revocation its key exclusively). Nodes therefore
 do not deadlock on each other in the common paths, and a transaction that still loses such a
 race is retried whole (`_sql.retrying`). A subscription cannot be left active on a generation
 that stopped polling: create and cancel both lock the generation row first.
@@ -31,9 +32,11 @@ from relay.store._sql import storable
 from relay.store.attempts import AttemptRecord, record_attempts
 from relay.store.creates import (
     CreateBatchOutcome,
+    CreateOptions,
     CreateRequest,
     CreateResult,
     FirstPoll,
+    active_subscriptions,
     create_subscriptions,
 )
 from relay.store.deliveries import (
@@ -65,7 +68,19 @@ from relay.store.idempotency import (
     renew_idempotency_key,
     settle_idempotency_key,
 )
-from relay.store.keys import NewKey, authenticate, create_key, hash_api_key, list_keys, revoke_key
+from relay.store.keys import (
+    NewKey,
+    Revoked,
+    RotatedSecret,
+    authenticate,
+    check_secret_key,
+    create_key,
+    hash_api_key,
+    list_keys,
+    reset_secrets,
+    revoke_key,
+    rotate_secret,
+)
 from relay.store.proxied import ProxiedCreate, ProxiedOutcome, record_proxied_create
 from relay.store.state import (
     SharedState,
@@ -91,6 +106,7 @@ __all__ = [
     "ClaimedDelivery",
     "ClaimedGeneration",
     "CreateBatchOutcome",
+    "CreateOptions",
     "CreateRequest",
     "CreateResult",
     "FirstPoll",
@@ -105,15 +121,19 @@ __all__ = [
     "ProxiedOutcome",
     "RedeliverConflict",
     "RequestFingerprint",
+    "Revoked",
+    "RotatedSecret",
     "Settlement",
     "SharedState",
     "StoredAnswer",
     "SweepCounts",
     "SweepResult",
+    "active_subscriptions",
     "apply_hints",
     "apply_sweep",
     "authenticate",
     "cancel_subscription",
+    "check_secret_key",
     "claim_due_deliveries",
     "claim_due_generations",
     "claim_idempotency_key",
@@ -143,7 +163,9 @@ __all__ = [
     "renew_generation_leases",
     "renew_idempotency_key",
     "renew_stream_leases",
+    "reset_secrets",
     "revoke_key",
+    "rotate_secret",
     "settle_idempotency_key",
     "storable",
     "sweep_counts",

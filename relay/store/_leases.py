@@ -57,11 +57,15 @@ class Leased:
         lease_s: float,
         now: datetime,
         returning: Sequence[ColumnElement[Any]],
+        among: ColumnElement[bool] | None = None,
     ) -> list[dict[str, Any]]:
-        """Lease up to `limit` due rows, earliest due first; `returning` of each, and its
-        `previous_owner`: the node whose lease had run out on it (a takeover), or None. SKIP
-        LOCKED: rows another node is claiming or writing are left to it, never waited for."""
+        """Lease up to `limit` due rows (only those `among` picks, if given), earliest due
+        first; `returning` of each, and its `previous_owner`: the node whose lease had run out
+        on it (a takeover), or None. SKIP LOCKED: rows another node is claiming or writing
+        are left to it, never waited for."""
         due = select(self._id, self.table.c.lease_owner).where(self._due <= now)
+        if among is not None:
+            due = due.where(among)
         if not self.due_means_live:
             due = due.where(self.live)
         due = due.order_by(self._due).limit(limit).with_for_update(skip_locked=True)

@@ -12,14 +12,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Insert, Table, any_, bindparam, func, insert, select
+from sqlalchemy import ColumnElement, Insert, Table, any_, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import KeyedColumnElement
 
 from relay.addresses import receiver_host
-from relay.models import CallbackEvent, DeliveryStatus
+from relay.models import CallbackEvent, DeliveryStatus, deliveries
 from relay.signing import new_message_id
 
 T = TypeVar("T")
@@ -86,6 +86,22 @@ def storable(text_value: str | None, limit: int = 4096) -> str | None:
     if text_value is None:
         return None
     return text_value.replace("\x00", "\ufffd")[:limit]
+
+
+async def cancel_deliveries(
+    conn: AsyncConnection, which: ColumnElement[bool], now: datetime, reason: str | None = None
+) -> None:
+    """Cancel the deliveries `which` picks (pending ones: the caller says which), with
+    `reason` as their last error when given."""
+    values: dict[str, Any] = {
+        "status": DeliveryStatus.CANCELED,
+        "next_attempt_at": None,
+        "lease_owner": None,
+        "updated_at": now,
+    }
+    if reason is not None:
+        values["last_error"] = reason
+    await conn.execute(update(deliveries).where(which).values(values))
 
 
 def delivery_row(

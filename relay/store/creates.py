@@ -1,6 +1,7 @@
 """Creating subscriptions, the API's side: many creates in one transaction, idempotent per
-key, generation and callback URL, and only by its owner for a generation created through
-the relay (another key is told it does not exist).
+key, generation and callback URL, within a key's quota of active subscriptions, and only by
+its owner for a generation created through the relay (another key is told it does not
+exist).
 
 Owns the create path: authenticating the batch's keys, finding or creating each generation's
 row (and waking idle or expired ones), inserting the new subscriptions and, for generations
@@ -10,11 +11,11 @@ already final, queueing their deliveries at once. It never polls and never sends
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, literal, select, update
+from sqlalchemy import case, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
@@ -28,9 +29,22 @@ from relay.models import (
     generations,
     subscriptions,
 )
-from relay.statuses import TERMINAL_RANK, status_rank
 from relay.store._sql import any_of, delivery_row, insert_rows, retrying
-from relay.store.hints import remembered_hints
+from relay.store.starts import FirstPoll, first_polls, set_first_polls
+
+__all__ = [
+    "CreateBatchOutcome",
+    "CreateOptions",
+    "CreateRequest",
+    "CreateResult",
+    "FirstPoll",
+    "active_subscriptions",
+    "count_active",
+    "create_subscriptions",
+    "create_subscriptions_in",
+    "new_generation_row",
+    "new_subscription_row",
+]
 
 
 @dataclass(frozen=True)
@@ -39,27 +53,21 @@ class CreateRequest:
     generation_id: str
     callback_url: str
     metadata_json: str | None
+    # Count the key's active subscriptions in the transaction and refuse new ones past
+    # `max_active_per_key` (the API asks for it when its estimate is near the quota or old).
+    count_active: bool = False
 
 
 @dataclass(frozen=True)
 class CreateResult:
-    """One create's answer: None subscription means the key was not valid, or, with
-    `not_found`, that the generation belongs to another key."""
+    """One create's answer: None subscription means the key was not valid, or that the
+    generation belongs to another key (`not_found`), or that the key already has its quota
+    of active subscriptions (`quota_exceeded`)."""
 
     subscription: Mapping[Any, Any] | None
     created: bool = False
     not_found: bool = False
-
-
-@dataclass(frozen=True)
-class FirstPoll:
-    """When a generation nobody was waiting for gets its first per-id poll: the detection
-    mode's call (signals.py), applied here. A push hint remembered for it wins: a terminal
-    one makes it due at once, an earlier stage sets its status and the safety-net delay."""
-
-    delay_s: float = 0.0  # no hint remembered
-    hint_memory_s: float | None = None  # None: push hints are off, nothing to look up
-    hinted_delay_s: float = 0.0
+    quota_exceeded: bool = False
 
 
 @dataclass
@@ -67,23 +75,34 @@ class CreateBatchOutcome:
     results: list[CreateResult]
     polls_queued: bool = False
     deliveries_queued: bool = False
+    # Active subscriptions after this batch, by key id, for the keys counted in it.
+    active_counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """What the caller decides for a batch: when new generations are first polled (push
+    hints, sweeps), and the cap on a key's active subscriptions (None: no counting)."""
+
+    first_poll: FirstPoll = field(default_factory=FirstPoll)
+    max_active_per_key: int | None = None
 
 
 async def create_subscriptions(
-    db: Database, requests: Sequence[CreateRequest], first_poll: FirstPoll = FirstPoll()
+    db: Database, requests: Sequence[CreateRequest], options: CreateOptions | None = None
 ) -> CreateBatchOutcome:
     """Create many subscriptions in one transaction (the API batches concurrent creates).
 
     Idempotent per (key, generation, callback URL) among active subscriptions. Starts polling
     for generations nobody was waiting for, and queues the delivery at once for generations
-    already known to be final.
+    already known to be final. For keys with a `count_active` request, new subscriptions
+    past `max_active_per_key` active ones are refused (`quota_exceeded`).
     """
+    chosen = options or CreateOptions()
 
     async def work() -> CreateBatchOutcome:
         async with db.transaction() as conn:
-            return await create_subscriptions_in(
-                conn, db.now(), requests, first_poll, db.is_postgres
-            )
+            return await create_subscriptions_in(conn, db.now(), requests, chosen, db.is_postgres)
 
     return await retrying(work, on_integrity_error=True)
 
@@ -92,31 +111,30 @@ async def create_subscriptions_in(
     conn: AsyncConnection,
     now: datetime,
     requests: Sequence[CreateRequest],
-    first_poll: FirstPoll,
+    options: CreateOptions,
     postgres: bool,
 ) -> CreateBatchOutcome:
     """The create batch inside a transaction the caller holds (proxied.py commits a create
     through the relay with its Idempotency-Key in the same one)."""
     outcome = CreateBatchOutcome(results=[])
-    hashes = {r.key_hash for r in requests}
-    key_rows = await conn.execute(
-        select(api_keys.c.key_hash, api_keys.c.id).where(
-            any_of(api_keys.c.key_hash, sorted(hashes), postgres),
-            api_keys.c.revoked_at.is_(None),
-        )
-    )
-    key_ids: dict[str, str] = {row.key_hash: row.id for row in key_rows}
+    cap = options.max_active_per_key
+    key_ids = await _lock_keys(conn, requests, cap, postgres)
+    room: dict[str, int] = {}  # key id -> new active subscriptions it may still have
+    if cap:
+        for key_hash in sorted({r.key_hash for r in requests if r.count_active} & set(key_ids)):
+            counted_id = key_ids[key_hash]
+            active = await count_active(conn, counted_id, cap)
+            room[counted_id] = cap - active
+            outcome.active_counts[counted_id] = active
 
-    wanted_by: dict[str, set[str]] = {}
+    wanted_by: dict[str, list[str]] = {}  # the keys asking for each generation, in order
     for r in requests:
         if r.key_hash in key_ids:
-            wanted_by.setdefault(r.generation_id, set()).add(key_ids[r.key_hash])
+            wanted_by.setdefault(r.generation_id, []).append(key_ids[r.key_hash])
     gen_ids = sorted(wanted_by)
     gens: dict[str, dict[str, Any]] = {}
     if gen_ids:
-        gens = await _lock_or_create_generations(
-            conn, now, gen_ids, first_poll, postgres, wanted_by
-        )
+        gens = await _lock_or_create_generations(conn, now, wanted_by, options.first_poll, postgres)
 
     existing: dict[tuple[str, str, str], dict[str, Any]] = {}
     if gen_ids:
@@ -150,6 +168,12 @@ async def create_subscriptions_in(
         if triple in existing:
             outcome.results.append(CreateResult(subscription=existing[triple], created=False))
             continue
+        if key_id in room:
+            if room[key_id] <= 0:
+                outcome.results.append(CreateResult(subscription=None, quota_exceeded=True))
+                continue
+            room[key_id] -= 1
+            outcome.active_counts[key_id] += 1
         row = new_subscription_row(
             key_id, request.generation_id, request.callback_url, request.metadata_json, now
         )
@@ -173,17 +197,59 @@ async def create_subscriptions_in(
     return outcome
 
 
+async def _lock_keys(
+    conn: AsyncConnection, requests: Sequence[CreateRequest], cap: int | None, postgres: bool
+) -> dict[str, str]:
+    """The live keys of the batch, by hash, their rows held for the transaction on
+    PostgreSQL: shared, so creates never wait on each other, while a revocation (which takes
+    the row for update) waits for this batch, then cancels what it made, or goes first. A key
+    whose quota is counted here is taken exclusively: its counted batches take turns."""
+    hashes = sorted({r.key_hash for r in requests})
+    counted = bool(cap) and any(r.count_active for r in requests)
+    live_keys = select(api_keys.c.key_hash, api_keys.c.id).where(
+        any_of(api_keys.c.key_hash, hashes, postgres), api_keys.c.revoked_at.is_(None)
+    )
+    if postgres:
+        live_keys = live_keys.order_by(api_keys.c.id).with_for_update(read=not counted)
+    return {row.key_hash: row.id for row in await conn.execute(live_keys)}
+
+
+async def count_active(conn: AsyncConnection, key_id: str, cap: int) -> int:
+    """The key's active subscriptions, counted up to `cap` (an index-only range of the
+    partial unique index, which leads with the key)."""
+    active = (
+        select(literal(1))
+        .select_from(subscriptions)
+        .where(
+            subscriptions.c.api_key_id == key_id,
+            subscriptions.c.status == SubscriptionStatus.ACTIVE,
+        )
+        .limit(cap)
+        .subquery()
+    )
+    return int((await conn.execute(select(func.count()).select_from(active))).scalar_one())
+
+
+async def active_subscriptions(db: Database, key_id: str, cap: int) -> int:
+    """The key's active subscriptions, counted up to `cap`, outside any create (a create
+    through the relay checks its quota before the upstream is asked to create anything)."""
+    async with db.reader() as conn:
+        return await count_active(conn, key_id, cap)
+
+
 async def _lock_or_create_generations(
     conn: AsyncConnection,
     now: datetime,
-    gen_ids: list[str],
+    wanted_by: Mapping[str, Sequence[str]],
     first_poll: FirstPoll,
     postgres: bool,
-    wanted_by: Mapping[str, set[str]],
 ) -> dict[str, dict[str, Any]]:
     """Lock (PostgreSQL) the generations' rows, creating missing ones; wake idle/expired ones
-    that a key in `wanted_by` may subscribe to. Returns each generation's id, state, status,
-    next_poll_at and owner_key_id as they now are."""
+    that a key in `wanted_by` may subscribe to (a generation created through the relay only
+    by its owner). A new or woken generation is polled for its first asking key's share of
+    the poll budget (`fair_key`). Returns each generation's id, state, status, next_poll_at
+    and owner_key_id as they now are."""
+    gen_ids = sorted(wanted_by)
     columns = (
         generations.c.id,
         generations.c.state,
@@ -208,11 +274,11 @@ async def _lock_or_create_generations(
         for gid, row in found.items()
         if row["state"] in asleep and row["owner_key_id"] in (None, *wanted_by[gid])
     ]
-    starts = await _first_polls(conn, now, [*missing, *wake], first_poll, postgres)
+    starts = await first_polls(conn, now, [*missing, *wake], first_poll, postgres)
     await insert_rows(
         conn,
         generations,
-        [new_generation_row(gid, now) | starts[gid] for gid in missing],
+        [new_generation_row(gid, now, wanted_by[gid][0]) | starts[gid] for gid in missing],
         postgres,
     )
     if wake:
@@ -236,7 +302,9 @@ async def _lock_or_create_generations(
                 listing=None,
             )
         )
-        await _set_first_polls(conn, {gid: starts[gid] for gid in wake})
+        await set_first_polls(
+            conn, {gid: {**starts[gid], "fair_key": wanted_by[gid][0]} for gid in wake}
+        )
     for gid in [*missing, *wake]:
         start = starts[gid]
         found[gid] = {
@@ -247,52 +315,6 @@ async def _lock_or_create_generations(
             "owner_key_id": found.get(gid, {}).get("owner_key_id"),
         }
     return found
-
-
-async def _first_polls(
-    conn: AsyncConnection,
-    now: datetime,
-    gen_ids: Sequence[str],
-    first_poll: FirstPoll,
-    postgres: bool,
-) -> dict[str, dict[str, Any]]:
-    """Each starting generation's first poll, and what a remembered push hint said of it."""
-    starts: dict[str, dict[str, Any]] = {
-        gid: {"next_poll_at": now + timedelta(seconds=first_poll.delay_s)} for gid in gen_ids
-    }
-    if first_poll.hint_memory_s is None or not gen_ids:
-        return starts
-    since = now - timedelta(seconds=first_poll.hint_memory_s)
-    for gid, (status, received_at) in (
-        await remembered_hints(conn, gen_ids, since, postgres)
-    ).items():
-        start = starts[gid]
-        start.update(hint_status=status, hinted_at=received_at)
-        if status_rank(status) == TERMINAL_RANK:
-            start["next_poll_at"] = now  # one GET fetches the final body
-        elif status_rank(status) > 0:
-            start.update(
-                status=status,
-                status_changed_at=received_at,
-                next_poll_at=now + timedelta(seconds=first_poll.hinted_delay_s),
-            )
-    return starts
-
-
-async def _set_first_polls(conn: AsyncConnection, starts: dict[str, dict[str, Any]]) -> None:
-    """Write woken generations' first polls, one statement per shape of start."""
-    by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for gid, start in starts.items():
-        by_shape.setdefault(tuple(sorted(start)), []).append(
-            {"g_id": gid, **{f"v_{k}": v for k, v in start.items()}}
-        )
-    for shape, rows in by_shape.items():
-        await conn.execute(
-            update(generations)
-            .where(generations.c.id == bindparam("g_id"))
-            .values({k: bindparam(f"v_{k}", type_=generations.c[k].type) for k in shape}),
-            rows,
-        )
 
 
 def new_subscription_row(
@@ -314,17 +336,18 @@ def new_subscription_row(
     }
 
 
-def new_generation_row(gen_id: str, now: datetime) -> dict[str, Any]:
-    """A generation nobody was waiting for: polling, its first poll due now."""
+def new_generation_row(gen_id: str, now: datetime, fair_key: str | None) -> dict[str, Any]:
+    """A generation nobody was waiting for: polling for `fair_key`, its first poll due now."""
     return {
         "id": gen_id,
+        "fair_key": fair_key,
         "state": GenerationState.POLLING,
         "status": None,
         "first_subscribed_at": now,
         "next_poll_at": now,
         "created_at": now,
         "updated_at": now,
-        # Set by a remembered push hint (creates._first_polls); every row has the same keys,
+        # Set by a remembered push hint (starts.first_polls); every row has the same keys,
         # so a batch is one insert.
         "status_changed_at": None,
         "hint_status": None,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -44,8 +45,10 @@ class ClaimedDelivery:
     subscription_attempts: int  # attempts of the subscription so far (numbering)
     callback_url: str
     host: str  # addresses.receiver_host(callback_url)
-    signing_secret: str
-    body: bytes
+    # Opened from their sealed form: the current secret first, then the one it replaced
+    # while its rotation overlap runs.
+    signing_secrets: tuple[str, ...] = field(repr=False)
+    body: bytes = field(repr=False)
     queued_at: datetime  # when the delivery was queued (the final status recorded, or later)
     previous_owner: str | None = None  # set: its lease had run out (a takeover)
 
@@ -76,7 +79,10 @@ async def claim_due_deliveries(
                         deliveries.c.created_at,
                         subscriptions.c.attempts.label("subscription_attempts"),
                         subscriptions.c.callback_url,
+                        subscriptions.c.api_key_id,
                         api_keys.c.signing_secret,
+                        api_keys.c.previous_signing_secret,
+                        api_keys.c.previous_secret_until,
                         generations.c.result,
                     )
                     .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
@@ -88,6 +94,7 @@ async def claim_due_deliveries(
             .mappings()
             .all()
         )
+    now = db.now()
     claimed_deliveries = []
     bodies: dict[str, bytes] = {}  # one copy of a result, however many subscribers share it
     for row in rows:
@@ -110,13 +117,22 @@ async def claim_due_deliveries(
                 subscription_attempts=row["subscription_attempts"],
                 callback_url=row["callback_url"],
                 host=row["host"] or receiver_host(row["callback_url"]),
-                signing_secret=row["signing_secret"],
+                signing_secrets=_signing_secrets(db, row, now),
                 body=body,
                 queued_at=row["created_at"],
                 previous_owner=previous[row["id"]],
             )
         )
     return claimed_deliveries
+
+
+def _signing_secrets(db: Database, row: Mapping[Any, Any], now: datetime) -> tuple[str, ...]:
+    key_id = row["api_key_id"]
+    current = db.secrets.open(row["signing_secret"], key_id)
+    previous, until = row["previous_signing_secret"], row["previous_secret_until"]
+    if previous is None or until is None or until <= now:
+        return (current,)
+    return (current, db.secrets.open(previous, key_id))
 
 
 async def renew_delivery_leases(

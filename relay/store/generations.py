@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import ColumnElement, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
@@ -22,6 +22,7 @@ from relay.models import (
     CallbackEvent,
     GenerationState,
     SubscriptionStatus,
+    UTCDateTime,
     deliveries,
     generations,
     subscriptions,
@@ -47,15 +48,82 @@ class ClaimedGeneration:
 
 
 async def claim_due_generations(
-    db: Database, owner: str, limit: int, lease_s: float
+    db: Database, owner: str, limit: int, lease_s: float, turn: int = 0
 ) -> list[ClaimedGeneration]:
-    """Lease up to `limit` generations whose poll is due, oldest due first."""
+    """Lease up to `limit` generations whose poll is due, shared fairly between the keys
+    they are polled for (`fair_key`): with due work for several keys, each gets an equal
+    share (keys taken in turn from `turn`, when there are more keys than `limit`), oldest due
+    first within a key; what a key leaves of its share goes to the oldest due of anyone."""
     returning = [
         generations.c[f.name] for f in fields(ClaimedGeneration) if f.name in generations.c
     ]
+    now = db.now()
+    rows: list[Any] = []
     async with db.transaction() as conn:
-        rows = await GENERATION_LEASES.claim(conn, owner, limit, lease_s, db.now(), returning)
+        keys = await _keys_with_due_work(conn, now)
+        if len(keys) > 1:
+            start = turn % len(keys)
+            keys = (keys[start:] + keys[:start])[:limit]
+            share = -(-limit // len(keys))  # ceiling
+            for key in keys:
+                among = (
+                    generations.c.fair_key.is_(None)
+                    if key is None
+                    else generations.c.fair_key == key
+                )
+                want = min(share, limit - len(rows))
+                if want > 0:
+                    rows += await GENERATION_LEASES.claim(
+                        conn, owner, want, lease_s, now, returning, among
+                    )
+        if len(rows) < limit:
+            # Claimed rows are no longer due (their due time is the lease's end).
+            rows += await GENERATION_LEASES.claim(
+                conn, owner, limit - len(rows), lease_s, now, returning
+            )
     return [ClaimedGeneration(**row) for row in rows]
+
+
+# The keys with polling generations, one index probe each (a skip scan of
+# ix_generations_fair_due), kept where one of their generations is due: keys with due work
+# are few, the due rows may be 100,000.
+_DUE_KEYS = text(
+    """
+    WITH RECURSIVE walk(fair_key) AS (
+        SELECT min(fair_key) FROM generations
+        WHERE next_poll_at IS NOT NULL AND fair_key IS NOT NULL
+        UNION ALL
+        SELECT (
+            SELECT min(g.fair_key) FROM generations g
+            WHERE g.next_poll_at IS NOT NULL AND g.fair_key > walk.fair_key
+        )
+        FROM walk WHERE walk.fair_key IS NOT NULL
+    )
+    SELECT fair_key FROM walk
+    WHERE fair_key IS NOT NULL AND EXISTS (
+        SELECT 1 FROM generations g
+        WHERE g.fair_key = walk.fair_key AND g.next_poll_at IS NOT NULL
+          AND g.next_poll_at <= :now
+    )
+    """
+).bindparams(bindparam("now", type_=UTCDateTime()))
+_DUE_WITHOUT_KEY = (
+    select(generations.c.id)
+    .where(
+        generations.c.fair_key.is_(None),
+        generations.c.next_poll_at.is_not(None),
+        generations.c.next_poll_at <= bindparam("now"),
+    )
+    .limit(1)
+)
+
+
+async def _keys_with_due_work(conn: AsyncConnection, now: datetime) -> list[str | None]:
+    """The fair keys with a due generation (None: generations without one), in key order."""
+    keys: list[str | None] = list((await conn.execute(_DUE_KEYS, {"now": now})).scalars())
+    if (await conn.execute(_DUE_WITHOUT_KEY, {"now": now})).first() is not None:
+        keys.append(None)
+    return keys
 
 
 async def renew_generation_leases(
@@ -154,6 +222,55 @@ async def record_polls(db: Database, owner: str, records: Sequence[PollRecord]) 
     return await retrying(lambda: _record_polls_once(db, owner, records))
 
 
+async def idle_unwatched(
+    conn: AsyncConnection, gen_ids: Sequence[str], now: datetime, postgres: bool
+) -> int:
+    """Stop polling those of `gen_ids` no active subscription watches any more (after a
+    revocation); returns how many stopped."""
+    if not gen_ids:
+        return 0
+    watched = (
+        select(subscriptions.c.id)
+        .where(
+            subscriptions.c.generation_id == generations.c.id,
+            subscriptions.c.status == SubscriptionStatus.ACTIVE,
+        )
+        .exists()
+    )
+    result = await conn.execute(
+        update(generations)
+        .where(
+            any_of(generations.c.id, gen_ids, postgres),
+            generations.c.state == GenerationState.POLLING,
+            ~watched,
+        )
+        .values(state=GenerationState.IDLE, next_poll_at=None, lease_owner=None, updated_at=now)
+    )
+    await _rekey(conn, any_of(generations.c.id, gen_ids, postgres))
+    return int(result.rowcount)
+
+
+async def _rekey(conn: AsyncConnection, which: ColumnElement[bool]) -> None:
+    """Give generations still polled, whose fair key no longer watches them, the key of one
+    of their active subscriptions: their polls now take that key's share."""
+    active = subscriptions.c.status == SubscriptionStatus.ACTIVE
+    of_generation = subscriptions.c.generation_id == generations.c.id
+    still_watching = (
+        select(subscriptions.c.id)
+        .where(of_generation, active, subscriptions.c.api_key_id == generations.c.fair_key)
+        .exists()
+    )
+    await conn.execute(
+        update(generations)
+        .where(which, generations.c.state == GenerationState.POLLING, ~still_watching)
+        .values(
+            fair_key=select(func.min(subscriptions.c.api_key_id))
+            .where(of_generation, active)
+            .scalar_subquery()
+        )
+    )
+
+
 async def idle_if_unwatched(conn: AsyncConnection, gen_id: str, now: datetime) -> None:
     """Stop polling the generation if no active subscription is left (after a cancel)."""
     active = (
@@ -172,3 +289,5 @@ async def idle_if_unwatched(conn: AsyncConnection, gen_id: str, now: datetime) -
             .where(generations.c.id == gen_id, generations.c.state == GenerationState.POLLING)
             .values(state=GenerationState.IDLE, next_poll_at=None, lease_owner=None, updated_at=now)
         )
+    else:
+        await _rekey(conn, generations.c.id == gen_id)

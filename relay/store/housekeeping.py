@@ -3,8 +3,8 @@ generations nobody subscribes to, once they are older than the retention period;
 nobody came for, and accepted webhook ids, once they cannot matter any more; and
 Idempotency-Keys past their 24 hours (idempotency.py's own pruning, called from here).
 
-Owns deleting old rows. Never touches an active subscription or a polling
-generation; one node prunes at a time (an advisory lock on PostgreSQL).
+Owns deleting old rows. Never touches an active subscription, one with a pending delivery,
+or a polling generation; one node prunes at a time (an advisory lock on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
 from relay.models import (
+    DeliveryStatus,
     GenerationState,
     SubscriptionStatus,
     deliveries,
@@ -65,6 +66,13 @@ async def _prune_subscriptions(
     finished = (
         subscriptions.c.status != SubscriptionStatus.ACTIVE,
         subscriptions.c.updated_at < cutoff,
+        # Never one with a delivery still to send (a redelivery of an old subscription).
+        ~select(deliveries.c.id)
+        .where(
+            deliveries.c.subscription_id == subscriptions.c.id,
+            deliveries.c.status == DeliveryStatus.PENDING,
+        )
+        .exists(),
     )
     # Locked, so a redelivery cannot revive one of them while it is being deleted.
     ids = (

@@ -21,7 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from relay.database import Database
 from relay.models import generations
 from relay.store._sql import retrying
-from relay.store.creates import CreateRequest, FirstPoll, create_subscriptions_in
+from relay.store.creates import (
+    CreateOptions,
+    CreateRequest,
+    FirstPoll,
+    create_subscriptions_in,
+)
 from relay.store.idempotency import Settlement, settle_idempotency_key_in
 from relay.store.streams import lease_to_stream
 
@@ -70,7 +75,8 @@ async def _record(conn: AsyncConnection, db: Database, create: ProxiedCreate) ->
     request = CreateRequest(
         create.key_hash, create.generation_id, create.callback_url, create.metadata_json
     )
-    outcome = await create_subscriptions_in(conn, now, [request], create.first_poll, db.is_postgres)
+    options = CreateOptions(first_poll=create.first_poll)
+    outcome = await create_subscriptions_in(conn, now, [request], options, db.is_postgres)
     (result,) = outcome.results
     if result.subscription is not None:
         # The key that created it owns it. The create's answer is the first status seen:

@@ -44,7 +44,7 @@ async def add_polling_generations(
     `next_poll_at`; in one transaction."""
     now = db.now()
     polling = [
-        {**new_generation_row(gen_id, now), "status": status, "next_poll_at": next_poll_at}
+        {**new_generation_row(gen_id, now, key_id), "status": status, "next_poll_at": next_poll_at}
         for gen_id in callback_urls
     ]
     subscribed = [

@@ -23,7 +23,7 @@ from relay.models import (
     generations,
     subscriptions,
 )
-from relay.store._sql import delivery_row, retrying
+from relay.store._sql import cancel_deliveries, delivery_row, retrying
 from relay.store.generations import idle_if_unwatched
 
 SUBSCRIPTION_COLUMNS = (
@@ -128,16 +128,7 @@ async def _cancel_once(db: Database, key_id: str, sub_id: str) -> RowMapping | N
             .values(status=SubscriptionStatus.CANCELED, updated_at=now)
         )
         if changed.rowcount:
-            await conn.execute(
-                update(deliveries)
-                .where(pending)
-                .values(
-                    status=DeliveryStatus.CANCELED,
-                    next_attempt_at=None,
-                    lease_owner=None,
-                    updated_at=now,
-                )
-            )
+            await cancel_deliveries(conn, pending, now)
             await idle_if_unwatched(conn, gen_id, now)
         return await _one_subscription(conn, sub_id)
 
@@ -171,9 +162,10 @@ async def redeliver(db: Database, key_id: str, sub_id: str) -> RowMapping | None
     """Queue the stored final message again, with the same webhook-id.
 
     None if the subscription is not this key's; RedeliverConflict if there is nothing to send.
-    A delivery still pending is made due now instead of being doubled. A `failed`
-    subscription becomes `active` until the new delivery ends; `delivered` and `expired`
-    stay as they are (a failed redelivery does not undo a delivery that happened).
+    A delivery still pending is made due now instead of being doubled. The subscription
+    becomes `active` with a fresh `updated_at` until the new delivery ends (then
+    `delivered`, `failed` or `expired` as that delivery goes; `delivered_at` keeps the
+    first delivery's time until another succeeds).
     """
     return await retrying(lambda: _redeliver_once(db, key_id, sub_id))
 
@@ -220,16 +212,16 @@ async def _redeliver_once(db: Database, key_id: str, sub_id: str) -> RowMapping 
             row = delivery_row(sub_id, sub.callback_url, event, last["payload"], now)
             row["webhook_id"] = last["webhook_id"]
             await conn.execute(insert(deliveries).values(**row))
-        if sub.status == SubscriptionStatus.FAILED:
-            try:
-                await conn.execute(
-                    update(subscriptions)
-                    .where(subscriptions.c.id == sub_id)
-                    .values(status=SubscriptionStatus.ACTIVE, updated_at=now)
-                )
-            except IntegrityError:
-                raise RedeliverConflict(
-                    "another active subscription of this key has the same generation and "
-                    "callback URL"
-                ) from None
+        try:
+            # Active again, with a fresh updated_at, until the new delivery ends: pruning
+            # (which counts retention from updated_at) cannot take it meanwhile.
+            await conn.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == sub_id)
+                .values(status=SubscriptionStatus.ACTIVE, updated_at=now)
+            )
+        except IntegrityError:
+            raise RedeliverConflict(
+                "another active subscription of this key has the same generation and callback URL"
+            ) from None
         return await _one_subscription(conn, sub_id)

@@ -1,0 +1,101 @@
+"""The wrappers around the whole app (relay/guards.py) and the server's bounds, over real HTTP
+on loopback: the last-resort answer to an unexpected failure, the deadline for a request
+body, and the cap on open connections."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from relay import store
+from relay.app import create_app
+from tests.apiclient import expect_error
+from tests.helpers import fast_settings, new_key, relay_process, serve_in_thread
+
+
+async def test_an_unexpected_failure_is_a_500_in_the_error_shape_logged_once_in_full(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug behind a route answers 500 `internal_error` as JSON; its traceback is logged
+    once, a repeat is one line, and the key is never logged."""
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("a bug the tests planted")
+
+    # A bug cannot be produced on demand through the real store: plant one.
+    monkeypatch.setattr(store, "get_subscription", broken)
+    key = await new_key(db_url)
+    caplog.set_level(logging.ERROR)
+    with serve_in_thread(create_app(fast_settings(db_url), role="api")) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            headers = {"authorization": f"Bearer {key.api_key}"}
+            path = f"/v1/subscriptions/sub_{'0' * 26}"
+            for _ in range(3):
+                response = await client.get(path, headers=headers)
+                error = expect_error(response, 500, "internal_error")
+                assert "bug" not in error.error.message
+            # The app still answers everything else.
+            assert (await client.get("/healthz")).status_code == 200
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1, caplog.text
+    assert "a bug the tests planted" in caplog.text
+    assert caplog.text.count("unexpected RuntimeError") == 2
+    assert key.api_key not in caplog.text
+
+
+async def test_a_body_sent_too_slowly_gets_408_in_the_error_shape(db_url: str) -> None:
+    """A create whose body has not arrived RELAY_BODY_TIMEOUT (0.5 s) after it began is
+    answered 408 `request_timeout` and its connection closed."""
+    key = await new_key(db_url)
+    settings = dataclasses.replace(fast_settings(db_url), body_timeout_s=0.5)
+    with serve_in_thread(create_app(settings, role="api")) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                (
+                    f"POST /v1/subscriptions HTTP/1.1\r\nhost: {host}\r\n"
+                    f"authorization: Bearer {key.api_key}\r\ncontent-length: 100\r\n\r\n"
+                    '{"generation_id": '
+                ).encode()
+            )
+            await writer.drain()
+            started = time.monotonic()
+            async with asyncio.timeout(5):
+                answer = await reader.read()  # to the end: the connection is closed
+            waited_s = time.monotonic() - started
+        finally:
+            writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert 0.3 < waited_s < 3
+
+
+async def test_connections_beyond_relay_max_connections_get_503(tmp_path: Path) -> None:
+    """`relay serve` with RELAY_MAX_CONNECTIONS=4: with 4 connections open, a request on a
+    fifth is answered 503 at once; once they close, requests are served again."""
+    env = {
+        "RELAY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/relay.db",
+        "RELAY_MAX_CONNECTIONS": "4",
+        "RELAY_UPSTREAM_API_KEY": "k",
+    }
+    async with relay_process(env, tmp_path / "serve.log") as (_, base_url):
+        host, port = base_url.removeprefix("http://").split(":")
+        idle = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(base_url=base_url, timeout=5) as client:
+            refused = await client.get("/healthz")
+            assert refused.status_code == 503
+            for _, writer in idle:
+                writer.close()
+            await asyncio.sleep(0.3)
+            assert (await client.get("/healthz")).status_code == 200
