@@ -25,7 +25,7 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.outages import report_failure
-from relay.schemas import BODY_MAX_BYTES, parse_json
+from relay.schemas import BODY_MAX_BYTES, ErrorCode, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ApiError(Exception):
     def __init__(
         self,
         status: int,
-        code: str,
+        code: ErrorCode,
         message: str,
         details: list[dict[str, str]] | None = None,
         headers: Mapping[str, str] | None = None,

@@ -28,6 +28,7 @@ _ERRORS = {
     408: "request_timeout: the body did not arrive within RELAY_BODY_TIMEOUT",
     409: "conflict: nothing to redeliver",
     413: f"payload_too_large: body over {BODY_MAX_BYTES // 1024} KiB",
+    415: "unsupported_media_type: the body is not application/json or multipart/form-data",
     422: "validation_error: `details` lists each field and why",
     429: "rate_limited: the key (or an address with unknown keys) sends too fast (see "
     "Retry-After); quota_exceeded: the key has RELAY_MAX_ACTIVE_PER_KEY active subscriptions",

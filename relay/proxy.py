@@ -38,7 +38,7 @@ from relay.creator import CreateAnswer, CreateFailed, Creator, OpenStream, Uploa
 from relay.http import Answer, ApiError, Endpoint, Operation, error_response, route
 from relay.idempotency import IdempotencyGate, Verdict, differs, rule
 from relay.models import IdempotencyState
-from relay.proxy_request import ClientGone, CreateJob, checked_request
+from relay.proxy_request import FORWARDED_MEDIA_TYPES, ClientGone, CreateJob, checked_request
 from relay.schemas import ProxyHeaders, ProxyPath
 
 logger = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ CREATE = Operation(
     "Create a generation upstream and subscribe to it, in one call",
     path=ProxyPath,
     headers=ProxyHeaders,
-    raw_body=("application/json", "multipart/form-data"),
+    raw_body=FORWARDED_MEDIA_TYPES,
     answers={
         200: Answer(
             "the upstream accepted: its answer, verbatim (status and body); the generation "
@@ -343,7 +343,7 @@ CREATE = Operation(
             },
         )
     },
-    errors=(401, 404, 409, 413, 422, 429, 502, 504),
+    errors=(401, 404, 409, 413, 415, 422, 429, 502, 504),
     error_notes={
         409: "idempotency_in_progress (retry after Retry-After) or idempotency_outcome_unknown "
         "(the first request with the key was interrupted: never created again under it)",

@@ -28,6 +28,9 @@ from relay.schemas import IdempotencyKey, ProxyPath
 # Validated as a subscription create, the headers need a generation id: the real one is
 # only known once the upstream has answered.
 _PENDING_ID = "pending"
+# What the upstream takes; anything else (no body at all included) is refused before it
+# costs a create.
+FORWARDED_MEDIA_TYPES = ("application/json", "multipart/form-data")
 _HEADER_OF_FIELD = {"callback_url": "Relay-Callback-Url", "metadata": "Relay-Metadata"}
 _IDEMPOTENCY_KEY: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
 
@@ -93,14 +96,15 @@ class CreateJob:
     metadata_json: str | None
     idempotency_key: str | None
     fingerprint: store.RequestFingerprint
-    content_type: str | None
+    content_type: str
     declared_length: int | None
     body: RequestBody
 
 
 async def checked_request(ctx: ApiContext, scope: Scope, receive: Receive) -> CreateJob:
     """The request's checks, in the contract's order: the key (401/429) before anything,
-    then the path (404), the headers (422) and the declared size (413)."""
+    then the path (404), the headers (422), the body's media type (415) and the declared
+    size (413)."""
     headers: dict[str, bytes] = {}
     for name, value in scope["headers"]:
         headers.setdefault(name.decode("latin-1"), value)
@@ -116,7 +120,7 @@ async def checked_request(ctx: ApiContext, scope: Scope, receive: Receive) -> Cr
     idempotency_key = _idempotency_key(headers)
     max_bytes = ctx.settings.proxy_max_body_bytes
     target_sha256 = hashlib.sha256(orjson.dumps([target.callback_url, metadata_json])).hexdigest()
-    content_type = headers.get("content-type")
+    content_type = _content_type(headers)
     return CreateJob(
         key_hash=key_hash,
         key_id=key_id,
@@ -125,7 +129,7 @@ async def checked_request(ctx: ApiContext, scope: Scope, receive: Receive) -> Cr
         metadata_json=metadata_json,
         idempotency_key=idempotency_key,
         fingerprint=store.RequestFingerprint(f"POST /v1/generation/{model_path}", target_sha256),
-        content_type=content_type.decode("latin-1") if content_type is not None else None,
+        content_type=content_type,
         declared_length=_declared_length(headers, max_bytes),
         body=RequestBody(receive, max_bytes, hashing=idempotency_key is not None),
     )
@@ -206,6 +210,18 @@ def _idempotency_key(headers: Mapping[str, bytes]) -> str | None:
             {"field": "Idempotency-Key", "message": d["message"]} for d in pydantic_details(exc)
         ]
         raise validation_error(details) from None
+
+
+def _content_type(headers: Mapping[str, bytes]) -> str:
+    raw = headers.get("content-type", b"").decode("latin-1")
+    if raw.partition(";")[0].strip().lower() not in FORWARDED_MEDIA_TYPES:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "the body must be application/json or multipart/form-data (the upstream's), "
+            f"not {raw.strip()[:100]!r}; nothing was created upstream",
+        )
+    return raw
 
 
 def _declared_length(headers: Mapping[str, bytes], max_bytes: int) -> int | None:

@@ -340,6 +340,7 @@ ErrorCode = Literal[
     "method_not_allowed",
     "conflict",
     "payload_too_large",
+    "unsupported_media_type",
     "validation_error",
     "rate_limited",
     "quota_exceeded",

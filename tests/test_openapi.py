@@ -351,7 +351,10 @@ async def test_the_model_path_rule_is_the_documents(served: Served, api: Api) ->
             # Dots escaped: the client would resolve "a/.." itself otherwise.
             f"/v1/generation/flux/{quote(value, safe='/').replace('.', '%2E')}",
             key=served.api_key,
-            headers={"relay-callback-url": "http://93.184.216.34/hook"},
+            headers={
+                "relay-callback-url": "http://93.184.216.34/hook",
+                "content-type": "application/json",
+            },
             content=b"{}",
         )
         if schema_accepts(served.doc, schema, value):

@@ -149,6 +149,29 @@ async def test_a_missing_callback_url_is_refused(proxy: Rig) -> None:
     assert await proxy.upstream_creates() == []
 
 
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "json"]
+)
+async def test_a_body_the_upstream_does_not_take_is_refused(
+    proxy: Rig, content_type: str | None
+) -> None:
+    """Only JSON and multipart bodies are forwarded (the upstream's); anything else, no body
+    at all included, is 415 before it costs a create."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    answer = await proxy.create(content=b"" if content_type is None else b"{}", headers=headers)
+    error = expect_error(answer, 415, "unsupported_media_type")
+    assert "nothing was created upstream" in error.error.message
+    assert await proxy.upstream_creates() == []
+
+
+async def test_media_type_parameters_and_case_are_accepted(proxy: Rig) -> None:
+    """`Application/JSON; charset=utf-8` is JSON."""
+    headers = {"content-type": "Application/JSON; charset=utf-8"}
+    answer = await proxy.create(content=b'{"prompt": "a cat"}', headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert len(await proxy.upstream_creates()) == 1
+
+
 async def test_the_key_is_checked_first(proxy: Rig) -> None:
     """No key, or an unknown one, is 401 even with bad headers; nothing is forwarded."""
     expect_error(await proxy.relay.post(MODEL_PATH, content=b"{}"), 401, "unauthorized")
@@ -180,7 +203,9 @@ async def test_a_declared_body_over_the_limit_is_refused_unread(
 ) -> None:
     """A Content-Length over RELAY_PROXY_MAX_BODY is 413 before the upstream is called."""
     async with rig(db_url, upstream[1], proxy_max_body_bytes=1000) as proxy:
-        answer = await proxy.create(content=b"x" * 1001, headers={"content-type": "text/plain"})
+        answer = await proxy.create(
+            content=b"x" * 1001, headers={"content-type": "application/json"}
+        )
         error = expect_error(answer, 413, "payload_too_large")
         assert "1000 bytes" in error.error.message
         assert await proxy.upstream_creates() == []
@@ -197,7 +222,7 @@ async def test_a_chunked_body_over_the_limit_is_cut_off_mid_stream(
             yield b"x" * 20_000
 
     async with rig(db_url, upstream[1], proxy_max_body_bytes=100_000) as proxy:
-        answer = await proxy.create(content=chunks(), headers={"content-type": "text/plain"})
+        answer = await proxy.create(content=chunks(), headers={"content-type": "application/json"})
         expect_error(answer, 413, "payload_too_large")
         assert [c for c in await proxy.upstream_creates() if c["id"] is not None] == []
         assert await proxy.subscriptions() == []

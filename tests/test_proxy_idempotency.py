@@ -196,7 +196,7 @@ async def test_a_body_over_the_limit_releases_the_key(
 
     async with rig(db_url, upstream[1], proxy_max_body_bytes=100_000) as proxy:
         too_big = await proxy.create(
-            content=chunks(), headers=keyed("k-big", **{"content-type": "text/plain"})
+            content=chunks(), headers=keyed("k-big", **{"content-type": "application/json"})
         )
         expect_error(too_big, 413, "payload_too_large")
         retried = await proxy.create(headers=keyed("k-big"))

@@ -198,6 +198,7 @@ async def test_when_the_follower_dies_polling_resumes(
                     content=b"{}",
                     headers={
                         "authorization": f"Bearer {key}",
+                        "content-type": "application/json",
                         "relay-callback-url": f"{receiver.url}/died",
                     },
                 )
