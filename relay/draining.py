@@ -65,7 +65,7 @@ class Drainer(Generic[K, T]):
     ) -> None:
         self._outage = outage  # the database's: a failed round during an outage is counted
         self._owner = owner  # the node whose name the claims' leases carry
-        self._draining = False
+        self._draining: asyncio.Task[Any] | None = None  # the tick running a drain
         self._again = False
         self._closing = False
         self._limits = limits
@@ -76,10 +76,10 @@ class Drainer(Generic[K, T]):
     async def tick(self) -> None:
         if self._closing:
             return
-        if self._draining:
+        if self._draining is not None:
             self._again = True
             return
-        self._draining = True
+        self._draining = asyncio.current_task()
         try:
             while True:
                 self._again = False
@@ -96,7 +96,7 @@ class Drainer(Generic[K, T]):
                 type(self).__name__,
             )
         finally:
-            self._draining = False
+            self._draining = None
 
     async def _drain(self) -> None:
         while not self._closing:
@@ -106,6 +106,8 @@ class Drainer(Generic[K, T]):
                 await self._slot_freed.wait()
                 continue
             want = await self._claim_budget(min(free, self._limits.per_round))
+            if self._closing:  # closed while waiting for the budget: claim nothing more
+                return
             claimed = await self._claim_batch(want)
             await self._start_batch(claimed)
             if len(claimed) < want:
@@ -147,9 +149,14 @@ class Drainer(Generic[K, T]):
         """Give back what is held but not in flight, before waiting for what is."""
 
     async def close(self) -> None:
-        """Stop claiming; let the work in flight finish; write the records still batched."""
+        """Stop claiming; let the round under way and the work in flight finish; write the
+        records still batched. Nothing of this drainer is left touching the database after."""
         self._closing = True
         self._slot_freed.set()
+        if self._draining is not None and self._draining is not asyncio.current_task():
+            # A round may be mid-claim: its leased items are started (or held) before the
+            # work in flight is collected below.
+            await asyncio.wait([self._draining], timeout=self._limits.close_timeout_s)
         await self._give_back_held()
         tasks = list(self._in_flight.values())
         if tasks:

@@ -23,12 +23,12 @@ from relay.app import create_app
 from relay.config import Settings
 from relay.simulator import FakeUpstream, FinalStatus
 from tests.helpers import (
-    UPSTREAM_KEY,
     Receiver,
     fast_settings,
     new_key,
     open_test_database,
     relay_process,
+    serve_env,
     serve_in_thread,
     wait_for,
 )
@@ -496,18 +496,14 @@ async def test_sigkill_while_pending_then_restart_finishes_everything(
     sim, upstream_url = fake_upstream
     keys = [await new_key(db_url, "alice"), await new_key(db_url, "bob")]
     gen_ids = [f"gen_crash_{i:02d}" for i in range(20)]
-    env = {
-        "RELAY_DATABASE_URL": db_url,
-        "RELAY_UPSTREAM_URL": upstream_url,
-        "RELAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-        "RELAY_ALLOW_PRIVATE_CALLBACKS": "true",
-        "RELAY_POLL_MIN_INTERVAL": "0.1",
-        "RELAY_POLL_MAX_INTERVAL": "0.5",
-        "RELAY_UPSTREAM_TIMEOUT": "2",
-        "RELAY_DELIVERY_RETRY_SCHEDULE": "0.2,0.5,1",
-        "RELAY_LEASE": "2",
-        "RELAY_LOG_LEVEL": "WARNING",
-    }
+    env = serve_env(
+        db_url,
+        upstream_url,
+        RELAY_POLL_MAX_INTERVAL="0.5",
+        RELAY_UPSTREAM_TIMEOUT="2",
+        RELAY_LEASE="2",
+        RELAY_LOG_LEVEL="WARNING",
+    )
     log_path = tmp_path / "relay.log"
     holders = {g: keys if i % 4 == 0 else keys[:1] for i, g in enumerate(gen_ids)}
     subs: list[tuple[str, str]] = []

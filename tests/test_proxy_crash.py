@@ -22,7 +22,7 @@ import pytest
 
 from relay.simulator import FakeUpstream
 from tests.apiclient import expect_error
-from tests.helpers import UPSTREAM_KEY, Receiver, log_tail, new_key, relay_process, wait_for
+from tests.helpers import Receiver, log_tail, new_key, relay_process, serve_env, wait_for
 from tests.proxy_support import MODEL_PATH, simulator
 
 pytestmark = pytest.mark.timeout(180)
@@ -35,18 +35,15 @@ def upstream() -> Iterator[tuple[FakeUpstream, str]]:
 
 
 def relay_env(db_url: str, upstream_url: str, **extra: str) -> dict[str, str]:
-    return {
-        "RELAY_DATABASE_URL": db_url,
-        "RELAY_UPSTREAM_URL": upstream_url,
-        "RELAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-        "RELAY_ALLOW_PRIVATE_CALLBACKS": "true",
-        "RELAY_POLL_MIN_INTERVAL": "0.1",
-        "RELAY_POLL_MAX_INTERVAL": "0.5",
-        "RELAY_DELIVERY_RETRY_SCHEDULE": "0.2,0.5",
-        "RELAY_LEASE": "1",
-        "RELAY_LOG_LEVEL": "INFO",
+    return serve_env(
+        db_url,
+        upstream_url,
+        RELAY_POLL_MAX_INTERVAL="0.5",
+        RELAY_DELIVERY_RETRY_SCHEDULE="0.2,0.5",
+        RELAY_LEASE="1",
+        RELAY_LOG_LEVEL="INFO",
         **extra,
-    }
+    )
 
 
 @contextlib.asynccontextmanager

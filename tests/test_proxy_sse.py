@@ -25,7 +25,7 @@ from relay.models import generations
 from relay.simulator import FakeUpstream
 from relay.streams import is_final_event
 from tests.apiclient import expect_error
-from tests.helpers import UPSTREAM_KEY, Receiver, log_tail, new_key, relay_process, wait_for
+from tests.helpers import Receiver, log_tail, new_key, relay_process, serve_env, wait_for
 from tests.proxy_support import Rig, rig, simulator
 
 VIDEO = "/v1/generation/kling-ai/o3/video"  # a video: 0.6-3 s at the simulator's time scale
@@ -179,16 +179,13 @@ async def test_when_the_follower_dies_polling_resumes(
     upstream_url = upstream[1]
     key = (await new_key(db_url)).api_key
     log = tmp_path / "relay.log"
-    env = {
-        "RELAY_DATABASE_URL": db_url,
-        "RELAY_UPSTREAM_URL": upstream_url,
-        "RELAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
-        "RELAY_ALLOW_PRIVATE_CALLBACKS": "true",
-        "RELAY_POLL_MIN_INTERVAL": "0.1",
-        "RELAY_POLL_MAX_INTERVAL": "0.5",
-        "RELAY_LEASE": "1",
-        "RELAY_UPSTREAM_SSE": "true",
-    }
+    env = serve_env(
+        db_url,
+        upstream_url,
+        RELAY_POLL_MAX_INTERVAL="0.5",
+        RELAY_LEASE="1",
+        RELAY_UPSTREAM_SSE="true",
+    )
     async with httpx.AsyncClient(base_url=upstream_url, timeout=10) as sim:
         await sim.post("/_fake/reset", json={"generations": True, "faults": True})
         async with relay_process(env, log) as (proc, base_url):

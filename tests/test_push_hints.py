@@ -28,6 +28,7 @@ from standardwebhooks.webhooks import Webhook
 
 from relay.app import create_app
 from relay.simulator import FakeUpstream
+from tests.delivery import wait_status
 from tests.helpers import Receiver, fast_settings, new_key, serve_in_thread, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"upstream workspace webhook secret").decode()
@@ -153,7 +154,7 @@ async def test_a_terminal_hint_delivers_within_a_second_or_two_with_one_get(
         assert s.polls(gen_id) == 1  # the one GET that fetched the final body
         body = orjson.loads(callback.body)
         assert body["id"] == gen_id and body["status"] == "COMPLETED" and "provider_meta" in body
-        assert (await s.subscription(sub["id"]))["status"] == "delivered"
+        await wait_status(s.client, sub["id"], "delivered")  # recorded after the receiver answered
         assert (await s.readiness())["hints"] == "ok"
 
 
@@ -243,7 +244,7 @@ async def test_lost_terminal_hints_are_caught_by_the_safety_net(
         await _settle(2.5)  # one safety-net poll sees it still running
         await s.finish(gen_id)
         await wait_for(lambda: s.receiver.on("/hook"), timeout_s=10)
-        assert (await s.subscription(sub["id"]))["status"] == "delivered"
+        await wait_status(s.client, sub["id"], "delivered")  # recorded after the receiver answered
         # Polled about every 2 s (the safety net), not every 0.2-1 s (the normal schedule).
         times = [subscribed_at, *s.sim.poll_times(gen_id)]
         gaps = [b - a for a, b in itertools.pairwise(times)]
