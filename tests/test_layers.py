@@ -8,6 +8,7 @@ The simulator imports nothing else of relay. A new module must be given its laye
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,18 @@ def test_no_module_outgrows_its_room(path: Path) -> None:
     """Every file under relay/ stays under 450 lines."""
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.name} has {lines} lines"
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """README's Layout table says what each module owns: a new module gets its line there."""
+    readme = (RELAY.parent / "README.md").read_text()
+    layout = readme.split("### Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([\w/]+)(?:\.py)?`", layout))
+    missing = [
+        str(path.relative_to(RELAY))
+        for path in sorted(RELAY.rglob("*.py"))
+        if path.name != "__init__.py"
+        and path.stem not in named
+        and f"{path.parent.name}/{path.stem}" not in named
+    ]
+    assert missing == [], f"README's Layout does not name: {missing}"
