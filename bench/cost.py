@@ -19,7 +19,10 @@ webhooks), its own relay process and database; naive and poll share one simulato
 
 A level keeps N generations pending: N slots, each starting its next generation as the last
 one ends, until the level's count is reached (1,000 pending: one burst of 1,000). Every arm
-gets the same draws at the same moments.
+gets the same draws at the same moments (relative to its level's start). Up to 10 pending the
+arms run side by side; from 100 pending each arm runs alone, one after another on the same
+draws: five arms of 100 or 1,000 generations at once saturate 2 cores (the naive loop alone
+sends 3,300 requests a second at 1,000), and each arm's delays would be the others' load.
 
 Measured per generation, from the simulators' per-id poll counters and list-call times:
 
@@ -63,6 +66,7 @@ OUTCOMES = (("COMPLETED", 0.93), ("FAILED", 0.05), ("CANCELED", 0.02))
 FULL_SCALE, QUICK_SCALE = 0.1, 0.05
 # (generations pending at once, generations in the level)
 FULL_LEVELS = ((1, 16), (10, 80), (100, 300), (1000, 1000))
+ALONE_FROM = 100  # pending at once from which each arm runs alone
 QUICK_LEVELS = ((1, 4), (10, 20), (100, 100))
 NAIVE_INTERVAL_S, NAIVE_TIMEOUT_S = 3.0, 20.0  # unscaled
 DEFAULTS_S = {  # relay's defaults, unscaled
@@ -208,6 +212,17 @@ class LevelFigures:
     arrivals: Counter[str]  # callbacks per subscription id
     load: str
 
+    def merged(self, other: LevelFigures) -> LevelFigures:
+        """This level's figures with those of arms run apart on the same draws."""
+        return LevelFigures(
+            self.pending,
+            {**self.generations, **other.generations},
+            self.started,
+            {**self.lists, **other.lists},
+            self.arrivals + other.arrivals,
+            f"{self.load}; {other.load}",
+        )
+
 
 async def _drive(
     arms: dict[str, Arm], receiver_url: str, levels: Sequence[tuple[int, int]], scale: float
@@ -228,9 +243,16 @@ async def _drive(
         figures = []
         for seed, (pending, total) in enumerate(levels):
             print(f"   level: {pending} pending at once, {total} generations", flush=True)
-            figures.append(
-                await _level(control, naive, arms, receiver_url, pending, total, scale, seed)
-            )
+            groups = [(arm,) for arm in ARMS] if pending >= ALONE_FROM else [ARMS]
+            level: LevelFigures | None = None
+            for group in groups:
+                group_arms = {arm: arms[arm] for arm in group}
+                run = await _level(
+                    control, naive, group_arms, receiver_url, pending, total, scale, seed
+                )
+                level = run if level is None else level.merged(run)
+            assert level is not None
+            figures.append(level)
         return figures
 
 
@@ -246,7 +268,7 @@ async def _level(
 ) -> LevelFigures:
     tag = f"{time.time_ns():x}"[-6:]
     plan = plan_level(pending, total, scale, seed)
-    gens = {arm: [Generation(arm, draw) for draw in plan] for arm in ARMS}
+    gens = {arm: [Generation(arm, draw) for draw in plan] for arm in arms}
 
     def gen_id(g: Generation) -> str:
         return f"gen_{g.arm}_{tag}_{g.draw.index}"
@@ -274,15 +296,16 @@ async def _level(
     # hinted interval after its last hint; leave that, and slack for a loaded machine.
     hinted_s = DEFAULTS_S["RELAY_HINTED_POLL_INTERVAL"] * scale
     wait_s = max(0.0, last_final - time.time()) + hinted_s + 15
-    paths = {_path(gen_id(g)) for arm in RELAY_ARMS for g in counted[arm]}
+    relay_arms = [arm for arm in arms if arm in RELAY_ARMS]
+    paths = {_path(gen_id(g)) for arm in relay_arms for g in counted[arm]}
     arrivals = await _arrivals(control, receiver_url, paths, wait_s)
     ended_wall = time.time()
-    for task in (g.naive_task for g in gens["naive"]):
+    for task in (g.naive_task for g in gens.get("naive", [])):
         if task is not None:
             task.cancel()
     await _collect(control, arms, counted, gen_id)
     lists = {}
-    for arm in RELAY_ARMS:
+    for arm in relay_arms:
         async with control.get(f"{arms[arm].simulator_url}/_fake/lists") as response:
             times = (await response.json())["times"]
         lists[arm] = sum(1 for t in times if started_wall <= t <= ended_wall)
@@ -340,7 +363,7 @@ async def _start_batch(
 ) -> None:
     """Create the due draws in every arm's simulator, then subscribe or start the loops."""
     by_simulator: dict[str, list[Generation]] = defaultdict(list)
-    for arm in ARMS:
+    for arm in gens:
         for index in due:
             by_simulator[arms[arm].simulator_url].append(gens[arm][index])
     for simulator_url, batch in by_simulator.items():
@@ -358,7 +381,7 @@ async def _start_batch(
         for g in batch:
             g.final_at = final_at[gen_id(g)]
     subscribing = []
-    for arm in ARMS:
+    for arm in gens:
         for index in due:
             g = gens[arm][index]
             if arm == "naive":
