@@ -234,6 +234,8 @@ async def _drive(
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as naive,
     ):
         for name, loss in (("hints", 0.0), ("hints10", 0.1)):
+            if name not in arms:
+                continue
             arm = arms[name]
             hook = {"url": f"{arm.relay_url}/v1/upstream/webhook", "secrets": [WEBHOOK_SECRET]}
             async with control.put(
@@ -298,7 +300,12 @@ async def _level(
     wait_s = max(0.0, last_final - time.time()) + hinted_s + 15
     relay_arms = [arm for arm in arms if arm in RELAY_ARMS]
     paths = {_path(gen_id(g)) for arm in relay_arms for g in counted[arm]}
+    deadline = time.monotonic() + wait_s
     arrivals = await _arrivals(control, receiver_url, paths, wait_s)
+    # A naive loop ends when it sees its final; alone in the level, nothing else waited.
+    naive_loops = [g.naive_task for g in counted.get("naive", []) if g.naive_task is not None]
+    if naive_loops:
+        await asyncio.wait(naive_loops, timeout=max(0.1, deadline - time.monotonic()))
     ended_wall = time.time()
     for task in (g.naive_task for g in gens.get("naive", [])):
         if task is not None:

@@ -62,13 +62,14 @@ def _jittered(base: float, min_s: float, max_s: float, rand: Callable[[], float]
 # Sweeps: one request lists up to 100 running generations, replacing the per-id polls of
 # every generation it lists. A sweep pays for itself when it replaces at least SWEEP_REPLACES
 # per-id polls: a generation that relies on polls costs about one per SWEEP_BUDGET_GAPS
-# shortest gaps (10 s with the defaults: relay's adaptive schedule across the mix), one that
+# shortest gaps (8 s with the defaults: relay's adaptive schedule across the mix), one that
 # push hints cover one per HINTED_BUDGET_INTERVALS safety-net intervals. The cadence is the
 # fastest that pays, never under RELAY_SWEEP_MIN_INTERVAL, and never slower than the per-id
 # polls it replaces (else they would do as well): with the defaults a sweep every 2 s from
-# ten polled generations, every second from twenty; with one generation, never.
+# eight polled generations, every 1.6 s from ten (sooner than a 3 s polling loop would see a
+# final), every second from sixteen; with one generation, never.
 SWEEP_REPLACES = 2.0
-SWEEP_BUDGET_GAPS = 5.0
+SWEEP_BUDGET_GAPS = 4.0
 HINTED_BUDGET_INTERVALS = 3.0
 
 

@@ -98,6 +98,13 @@ class Sweeper:
             poll_min_interval_s=settings.poll_min_interval_s,
             hinted_interval_s=settings.hinted_poll_interval_s,
         )
+        if self.interval_s is None and self.coverage < 1.0 and counts.total > 0:
+            # A list cut short once showed few of ours (say, in the first moments of a burst):
+            # look again now and then, or that one reading would stop sweeps for good. Such a
+            # look defers no per-id poll: it only measures again.
+            self.interval_s, probing = settings.poll_max_interval_s, True
+        else:
+            probing = False
         if self.interval_s is None or self._clock() - self._last_sweep < self.interval_s:
             return
         lease_s = self._settings.upstream_timeout_s + 5
@@ -108,7 +115,7 @@ class Sweeper:
         try:
             await self._budget.take()
             answer = await self._upstream.list_running(LIST_LIMIT)
-            await self._apply(answer, sent_at, counts)
+            await self._apply(answer, sent_at, counts, probing)
         finally:
             await store.release_sweep(self._db, self._owner)
 
@@ -125,7 +132,7 @@ class Sweeper:
         return self._counts
 
     async def _apply(
-        self, answer: RunningList, sent_at: datetime, counts: store.SweepCounts
+        self, answer: RunningList, sent_at: datetime, counts: store.SweepCounts, probing: bool
     ) -> None:
         self._health.observe(answer)
         outcome: str = answer.kind if answer.kind != "unauthorized" else "error"
@@ -136,7 +143,7 @@ class Sweeper:
             # Listed generations need no per-id poll until a little after the next sweeps;
             # if sweeps stop paying, their per-id polls resume that soon.
             assert self.interval_s is not None
-            cover_s = 2 * self.interval_s + self._settings.sweep_min_interval_s
+            cover_s = 0.0 if probing else 2 * self.interval_s + self._settings.sweep_min_interval_s
             cover_until = self._db.now() + timedelta(seconds=cover_s)
             settings = self._settings
 

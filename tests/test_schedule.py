@@ -434,21 +434,22 @@ def interval(covered: float = 0, hinted: float = 0, hinted_due: float = 0) -> fl
     )
 
 
-def test_no_sweep_pays_below_about_ten_polled_generations() -> None:
+def test_no_sweep_pays_below_about_eight_polled_generations() -> None:
     """A sweep must replace two per-id polls, and come at least as often as the shortest
-    per-id gap: from ten generations at the defaults; never for one."""
+    per-id gap: from eight generations at the defaults; never for one."""
     assert interval() is None
     assert interval(covered=1) is None
-    assert interval(covered=9) is None
-    assert interval(covered=10) == pytest.approx(2.0)
+    assert interval(covered=7) is None
+    assert interval(covered=8) == pytest.approx(2.0)
 
 
 def test_the_sweep_cadence_speeds_up_with_the_generations_it_covers() -> None:
     """Each polled generation is budgeted a list request per SWEEP_BUDGET_GAPS shortest
     gaps, two generations' worth per sweep, never under the minimum interval."""
     assert interval(covered=10) == pytest.approx(SWEEP_REPLACES * SWEEP_BUDGET_GAPS * 2.0 / 10)
-    assert interval(covered=15) == pytest.approx(20.0 / 15)
-    assert interval(covered=20) == pytest.approx(1.0)
+    assert interval(covered=10) == pytest.approx(1.6)
+    assert interval(covered=12) == pytest.approx(16.0 / 12)
+    assert interval(covered=16) == pytest.approx(1.0)
     assert interval(covered=10_000) == 1.0
 
 

@@ -76,9 +76,11 @@ class Setup:
         return subs
 
     async def finish(self, gen_id: str) -> float:
+        """Make it final now; returns when, by the simulator's clock (a sweep may see it
+        before this call returns)."""
         response = await self.control.post(f"/_fake/generations/{gen_id}/finish")
         assert response.status_code == 200, response.text
-        return time.time()
+        return float(response.json()["final_at"])
 
     def delivered(self, gen_id: str) -> bool:
         return bool(self.receiver.on(f"/{gen_id}"))
@@ -161,6 +163,27 @@ async def test_a_truncated_list_proves_only_presence(
         assert all(s.polls(g) <= before[g] + 2 for g in pushed)  # not once per sweep
         assert not any(s.delivered(g) for g in pushed)
         assert all(s.polls(g) >= 2 for g in oldest)  # never listed: polled by id
+
+
+async def test_a_list_that_showed_none_of_ours_is_looked_at_again(
+    db_url: str, fake_upstream: tuple[FakeUpstream, str], receiver: Receiver
+) -> None:
+    """A list cut short by 100 newer generations nobody here watches shows none of ours: no
+    sweep seems to pay. Relay looks again every RELAY_POLL_MAX_INTERVAL, and once those end,
+    sweeps over ours resume at their cadence and detect their finals."""
+    async with sweeping_relay(db_url, fake_upstream, receiver, poll_max_interval_s=3.0) as s:
+        ours = await s.generations(12)
+        others = await s.generations(100)  # newer: the list shows only these
+        await s.subscribe_all(ours)
+        await wait_for(lambda: s.lists() >= 1, timeout_s=10)
+        for gen_id in others:
+            await s.finish(gen_id)
+        lists_before = s.lists()
+        await wait_for(lambda: s.lists() >= lists_before + 4, timeout_s=10)
+
+        finished_at = await s.finish(ours[0])
+        await wait_for(lambda: s.delivered(ours[0]), timeout_s=5)
+        assert s.receiver.on(f"/{ours[0]}")[0].at - finished_at < 2.5
 
 
 @pytest.mark.parametrize("status", [404, 405, 501])
