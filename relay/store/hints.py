@@ -14,6 +14,7 @@ applies them, in one transaction per batch of hints.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -118,14 +119,21 @@ async def _accept_once(
 ) -> set[str]:
     """Record the webhook ids; return those not recorded before."""
     unique = sorted(set(webhook_ids))
+    statement = _accept_statement(postgres)
+    rows = [{"webhook_id": w, "received_at": now} for w in unique]
+    # executemany with RETURNING (SQLAlchemy's insertmanyvalues): one statement compiled once,
+    # where .values(rows) compiled anew for every batch size.
+    return set((await conn.execute(statement, rows)).scalars())
+
+
+@functools.cache
+def _accept_statement(postgres: bool) -> Any:
     dialect_insert = postgresql.insert if postgres else sqlite.insert
-    statement = (
+    return (
         dialect_insert(upstream_webhooks)
-        .values([{"webhook_id": w, "received_at": now} for w in unique])
         .on_conflict_do_nothing(index_elements=["webhook_id"])
         .returning(upstream_webhooks.c.webhook_id)
     )
-    return set((await conn.execute(statement)).scalars())
 
 
 async def _lock_generations(
