@@ -2,7 +2,7 @@
 
 The speech/image/video mix (40% image 5-30 s, 30% speech 3-10 s, 30% video 60-300 s, each with
 a queue phase), with every duration scaled by S (0.1: video takes 6-30 s), at 1, 10, 100 and
-1,000 generations pending at once, five arms side by side in one run:
+1,000 generations pending at once, five arms on the same draws in one run:
 
 - naive: what public client code does, one loop per generation: poll, and if not final sleep
   3 s (*S) and poll again (20 s * S request timeout);

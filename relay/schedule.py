@@ -61,8 +61,9 @@ def _jittered(base: float, min_s: float, max_s: float, rand: Callable[[], float]
 
 # Sweeps: one request lists up to 100 running generations, replacing the per-id polls of
 # every generation it lists. A sweep pays for itself when it replaces at least SWEEP_REPLACES
-# per-id polls: a generation that relies on polls costs about one per SWEEP_BUDGET_GAPS
-# shortest gaps (8 s with the defaults: relay's adaptive schedule across the mix), one that
+# per-id polls: a generation that relies on polls is budgeted one per SWEEP_BUDGET_GAPS
+# shortest gaps (8 s with the defaults; relay's adaptive schedule costs about one per 9 s
+# across the mix, so a sweep at the threshold still replaces ~1.75 polls), one that
 # push hints cover one per HINTED_BUDGET_INTERVALS safety-net intervals. The cadence is the
 # fastest that pays, never under RELAY_SWEEP_MIN_INTERVAL, and never slower than the per-id
 # polls it replaces (else they would do as well): with the defaults a sweep every 2 s from

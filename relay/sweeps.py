@@ -7,8 +7,10 @@ becomes the one node sweeping (store.take_sweep: one sweep at a time across ever
 sharing the database, never more often than the interval), asks the upstream for its running
 list through the same request budget as polls, and applies it (store.apply_sweep): listed
 generations need no per-id poll for a while; with a complete list, watched generations
-missing from it are fetched at once. An upstream that answers 404, 405 or 501 has no list:
-sweeps stop for an hour, cluster-wide.
+missing from it are fetched at once. When a list cut short showed too few of ours for sweeps
+to pay, the list is looked at again every RELAY_POLL_MAX_INTERVAL (a look that plans nothing
+and defers no poll). An upstream that answers 404, 405 or 501 has no list: sweeps stop for an
+hour, cluster-wide.
 
 This module decides when and asks; it writes no SQL and polls no generation by id.
 """
@@ -89,35 +91,43 @@ class Sweeper:
             self.interval_s = None
             return
         counts = await self._count()
-        settings = self._settings
-        self.interval_s = sweep_interval_s(
-            counts.covered * self.coverage,
-            (counts.total - counts.covered) * self.coverage,
-            counts.hinted_due * self.coverage,
-            min_interval_s=settings.sweep_min_interval_s,
-            poll_min_interval_s=settings.poll_min_interval_s,
-            hinted_interval_s=settings.hinted_poll_interval_s,
-        )
-        if self.interval_s is None and self.coverage < 1.0 and counts.total > 0:
-            # A list cut short once showed few of ours (say, in the first moments of a burst):
-            # look again now and then, or that one reading would stop sweeps for good. Such a
-            # look defers no per-id poll: it only measures again.
-            self.interval_s, probing = settings.poll_max_interval_s, True
-        else:
-            probing = False
+        self.interval_s = self._interval(counts, self.coverage)
+        probing = False
+        if self.interval_s is None and self.coverage < 1.0 and self._interval(counts, 1.0):
+            # A list cut short showed too few of ours to pay (say, at the start of a burst, or
+            # while another app's generations fill it); it changes, so look again now and then,
+            # or one reading would stop sweeps for good. A look plans no sweep and defers no
+            # per-id poll: it only measures again.
+            settings = self._settings
+            self.interval_s = max(settings.poll_max_interval_s, settings.sweep_min_interval_s)
+            probing = True
         if self.interval_s is None or self._clock() - self._last_sweep < self.interval_s:
             return
         lease_s = self._settings.upstream_timeout_s + 5
-        sent_at = await store.take_sweep(self._db, self._owner, self.interval_s, lease_s)
+        sent_at = await store.take_sweep(
+            self._db, self._owner, self.interval_s, lease_s, plan_next=not probing
+        )
+        self._last_sweep = self._clock()  # taken, or another node swept a moment ago
         if sent_at is None:
-            return  # another node sweeps, or did a moment ago
-        self._last_sweep = self._clock()
+            return
         try:
             await self._budget.take()
             answer = await self._upstream.list_running(LIST_LIMIT)
             await self._apply(answer, sent_at, counts, probing)
         finally:
             await store.release_sweep(self._db, self._owner)
+
+    def _interval(self, counts: store.SweepCounts, coverage: float) -> float | None:
+        """The sweep cadence if `coverage` of the counted generations would be listed."""
+        settings = self._settings
+        return sweep_interval_s(
+            counts.covered * coverage,
+            (counts.total - counts.covered) * coverage,
+            counts.hinted_due * coverage,
+            min_interval_s=settings.sweep_min_interval_s,
+            poll_min_interval_s=settings.poll_min_interval_s,
+            hinted_interval_s=settings.hinted_poll_interval_s,
+        )
 
     async def _count(self) -> store.SweepCounts:
         """What a sweep would cover, counted at most every two shortest sweep intervals (a

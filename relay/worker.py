@@ -70,7 +70,8 @@ class Worker:
         ]
         if self.sweeper is not None:
             # Four times per shortest sweep interval, so a due sweep is late by a quarter of
-            # that at most (a tick with nothing due reads no table).
+            # that at most (a tick reuses the sweeper's counts, read at most every two
+            # intervals, and writes only when a sweep is due).
             jobs.append((self._tick_sweeper, self.settings.sweep_min_interval_s / 4, "sweep"))
         for func, every_s, name in jobs:
             self._scheduler.add_job(

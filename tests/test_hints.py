@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from relay import store
+from relay.database import Database
 from relay.hints import Hint, parse_hint
 from relay.statuses import status_rank
 
@@ -120,3 +123,33 @@ def test_ranks_order_queued_running_final() -> None:
     assert status_rank("SOMETHING_NEW") == 0
     assert status_rank("IN_QUEUE") < status_rank("IN_PROGRESS") < status_rank("COMPLETED")
     assert status_rank("FAILED") == status_rank("CANCELED") == status_rank("COMPLETED")
+
+
+# --- Applying a batch in the store, on both databases ------------------------------------------
+
+
+async def test_a_batch_accepts_each_webhook_id_once(db: Database) -> None:
+    """One transaction for many hints: a webhook-id seen before, or twice in the batch, is a
+    duplicate; the others are taken (remembered, for ids nobody watches yet)."""
+    soon = db.now() + timedelta(seconds=300)
+
+    def hint(webhook_id: str, gen_id: str) -> store.IncomingHint:
+        return store.IncomingHint(webhook_id, gen_id, "running", soon)
+
+    first = await store.apply_hints(db, [hint("msg_b", "gen_b")])
+    assert first == [store.HintOutcome.REMEMBERED]
+    outcomes = await store.apply_hints(
+        db,
+        [
+            hint("msg_a", "gen_a"),
+            hint("msg_b", "gen_b"),
+            hint("msg_a", "gen_a"),
+            hint("msg_c", "gen_c"),
+        ],
+    )
+    assert outcomes == [
+        store.HintOutcome.REMEMBERED,
+        store.HintOutcome.DUPLICATE,
+        store.HintOutcome.DUPLICATE,
+        store.HintOutcome.REMEMBERED,
+    ]

@@ -77,10 +77,12 @@ async def note_hint(db: Database, at: datetime) -> None:
 
 
 async def take_sweep(
-    db: Database, holder: str, min_gap_s: float, lease_s: float
+    db: Database, holder: str, min_gap_s: float, lease_s: float, *, plan_next: bool = True
 ) -> datetime | None:
     """Become the one node sweeping now, unless another holds the sweep or the last one
-    started less than `min_gap_s` ago. Returns the start time (database clock) or None."""
+    started less than `min_gap_s` ago. Returns the start time (database clock) or None.
+    `plan_next`: record the next sweep as planned `min_gap_s` from now (new generations wait
+    for it instead of a first poll); not for a look that only measures."""
     now = db.now()
     async with db.transaction() as conn:
         await _ensure(conn, SWEEP, db.is_postgres)
@@ -102,11 +104,13 @@ async def take_sweep(
         )
         if not taken.rowcount:
             return None
-        await conn.execute(
-            update(relay_state)
-            .where(relay_state.c.name == SWEEP_NEXT)
-            .values(at=now + timedelta(seconds=min_gap_s))
-        )
+        if plan_next:
+            await _ensure(conn, SWEEP_NEXT, db.is_postgres)
+            await conn.execute(
+                update(relay_state)
+                .where(relay_state.c.name == SWEEP_NEXT)
+                .values(at=now + timedelta(seconds=min_gap_s))
+            )
     return now
 
 
