@@ -408,14 +408,23 @@ def _path(gen_id: str) -> str:
 async def _subscribe(
     session: aiohttp.ClientSession, arm: Arm, g: Generation, gen_id: str, callback: str
 ) -> None:
-    async with session.post(
-        f"{arm.relay_url}/v1/subscriptions",
-        json={"generation_id": gen_id, "callback_url": callback},
-        headers={"authorization": f"Bearer {arm.api_key}"},
-    ) as response:
-        if response.status != 201:
-            raise RuntimeError(f"subscription refused: {response.status} {await response.text()}")
-        g.subscription_id = (await response.json())["id"]
+    # A pooled connection the server closes as idle just as it is reused fails the write;
+    # subscribing again is safe (the same request answers 200 with the same subscription).
+    for attempt in range(3):
+        try:
+            async with session.post(
+                f"{arm.relay_url}/v1/subscriptions",
+                json={"generation_id": gen_id, "callback_url": callback},
+                headers={"authorization": f"Bearer {arm.api_key}"},
+            ) as response:
+                if response.status not in (200, 201):
+                    text = await response.text()
+                    raise RuntimeError(f"subscription refused: {response.status} {text}")
+                g.subscription_id = (await response.json())["id"]
+                return
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            if attempt == 2:
+                raise
 
 
 async def _naive_loop(session: aiohttp.ClientSession, url: str, scale: float) -> None:
