@@ -229,7 +229,11 @@ async def _drive(
 ) -> list[LevelFigures]:
     timeout = aiohttp.ClientTimeout(total=60)
     async with (
-        aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=64)) as control,
+        # Idle pooled connections are dropped after 1 s, well before the servers' 5 s
+        # keep-alive, so none is reused just as its server closes it.
+        aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=1.0)
+        ) as control,
         # The naive apps' own client: no pool limit, as each app would have its own.
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as naive,
     ):

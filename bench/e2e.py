@@ -226,7 +226,7 @@ async def _drive(
     final_at: dict[str, float] = {}
     subscribing: list[asyncio.Task[None]] = []
     timeout = aiohttp.ClientTimeout(total=30)
-    connector = aiohttp.TCPConnector(limit=64)
+    connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=1.0)  # under uvicorn's 5 s
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         next_index = 0
         while next_index < len(plan):
