@@ -23,6 +23,7 @@ gets the same draws at the same moments (relative to its level's start). Up to 1
 arms run side by side; from 100 pending each arm runs alone, one after another on the same
 draws: five arms of 100 or 1,000 generations at once saturate 2 cores (the naive loop alone
 sends 3,300 requests a second at 1,000), and each arm's delays would be the others' load.
+The hint arms start every level with hints flowing (a warm-up generation nobody watches).
 
 Measured per generation, from the simulators' per-id poll counters and list-call times:
 
@@ -279,6 +280,15 @@ async def _level(
     def gen_id(g: Generation) -> str:
         return f"gen_{g.arm}_{tag}_{g.draw.index}"
 
+    # Hint arms start every level with hints flowing, as a busy workspace's relay would: one
+    # generation nobody watches, whose webhooks reach relay (an arm run after the others
+    # would otherwise start silent, and poll its first generations at once).
+    warm = [arm for arm in arms if arm in ("hints", "hints10")]
+    for arm in warm:
+        spec = {"id": f"gen_warm_{arm}_{tag}", "family": "image", "queue_s": 0, "run_s": 1}
+        await create_generations(control, arms[arm].simulator_url, [spec])
+    if warm:
+        await asyncio.sleep(2.0)
     started_wall = time.time()
     started = time.monotonic()
     position = 0
