@@ -208,10 +208,13 @@ async def test_the_dashboard_in_a_browser_after_callbacks_and_failures(
                 return str(browser.find_element(By.ID, element_id).text)
 
             async def settled() -> bool:
-                # Attempts are recorded a moment after they end; the page caches for 5 s.
+                # Attempts are recorded a moment after they end and the page caches for 5 s:
+                # wait for a page that read all six failed attempts.
                 browser.refresh()
-                return "delivered\n5" in text_of("subscriptions") and "HTTP 503" in text_of(
-                    "receivers"
+                return (
+                    "delivered\n5" in text_of("subscriptions")
+                    and "HTTP 503" in text_of("receivers")
+                    and text_of("failures").count("HTTP 503") == 6
                 )
 
             try:
