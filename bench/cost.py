@@ -87,6 +87,7 @@ RELAY_ARMS = ARMS[1:]
 SLOT_GAP_S = 0.05  # between one generation's end and its slot's next start (real seconds)
 # The simulators: naive and poll share one (neither reads the list nor gets webhooks).
 SIMULATOR_OF = {"naive": "A", "poll": "A", "sweeps": "B", "hints": "C", "hints10": "D"}
+HINT_LOSS = {"hints": 0.0, "hints10": 0.1}  # the arms fed the simulator's webhooks, and loss
 
 
 @dataclass
@@ -238,9 +239,7 @@ async def _drive(
         # The naive apps' own client: no pool limit, as each app would have its own.
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as naive,
     ):
-        for name, loss in (("hints", 0.0), ("hints10", 0.1)):
-            if name not in arms:
-                continue
+        for name, loss in HINT_LOSS.items():
             arm = arms[name]
             hook = {"url": f"{arm.relay_url}/v1/upstream/webhook", "secrets": [WEBHOOK_SECRET]}
             async with control.put(
@@ -283,7 +282,7 @@ async def _level(
     # Hint arms start every level with hints flowing, as a busy workspace's relay would: one
     # generation nobody watches, whose webhooks reach relay (an arm run after the others
     # would otherwise start silent, and poll its first generations at once).
-    warm = [arm for arm in arms if arm in ("hints", "hints10")]
+    warm = [arm for arm in arms if arm in HINT_LOSS]
     for arm in warm:
         spec = {"id": f"gen_warm_{arm}_{tag}", "family": "image", "queue_s": 0, "run_s": 1}
         await create_generations(control, arms[arm].simulator_url, [spec])

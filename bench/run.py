@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common import Results, machine
 from bench.harness import ROOT
 
-SCENARIOS = ("ingest", "delivery", "e2e", "cost", "scale", "proxy")
+SCENARIOS = ("ingest", "delivery", "e2e", "cost", "hints", "scale", "proxy")
 METRICS_SCENARIOS = ("ingest", "delivery")  # the ones --metrics runs twice
 
 

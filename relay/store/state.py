@@ -53,11 +53,12 @@ async def read_state(db: Database) -> SharedState:
     )
 
 
-async def _ensure(conn: AsyncConnection, name: str, postgres: bool) -> None:
+async def _ensure(conn: AsyncConnection, postgres: bool, *names: str) -> None:
+    """Make the named rows exist (one statement, however many)."""
     dialect_insert = postgresql.insert if postgres else sqlite.insert
     await conn.execute(
         dialect_insert(relay_state)
-        .values(name=name)
+        .values([{"name": name} for name in names])
         .on_conflict_do_nothing(index_elements=["name"])
     )
 
@@ -65,7 +66,7 @@ async def _ensure(conn: AsyncConnection, name: str, postgres: bool) -> None:
 async def note_hint(db: Database, at: datetime) -> None:
     """Record that a push hint arrived at `at` (never moves the time back)."""
     async with db.transaction() as conn:
-        await _ensure(conn, HINTS, db.is_postgres)
+        await _ensure(conn, db.is_postgres, HINTS)
         await conn.execute(
             update(relay_state)
             .where(
@@ -85,7 +86,7 @@ async def take_sweep(
     for it instead of a first poll); not for a look that only measures."""
     now = db.now()
     async with db.transaction() as conn:
-        await _ensure(conn, SWEEP, db.is_postgres)
+        await _ensure(conn, db.is_postgres, SWEEP, SWEEP_NEXT)  # a plan row with no time: none
         taken = await conn.execute(
             update(relay_state)
             .where(
@@ -105,7 +106,6 @@ async def take_sweep(
         if not taken.rowcount:
             return None
         if plan_next:
-            await _ensure(conn, SWEEP_NEXT, db.is_postgres)
             await conn.execute(
                 update(relay_state)
                 .where(relay_state.c.name == SWEEP_NEXT)
@@ -126,7 +126,7 @@ async def release_sweep(db: Database, holder: str) -> None:
 async def turn_sweeps_off(db: Database, until: datetime) -> None:
     """No sweep before `until` (the upstream said it has no running list)."""
     async with db.transaction() as conn:
-        await _ensure(conn, SWEEP_OFF, db.is_postgres)
+        await _ensure(conn, db.is_postgres, SWEEP_OFF)
         await conn.execute(
             update(relay_state).where(relay_state.c.name == SWEEP_OFF).values(until=until)
         )
