@@ -96,3 +96,27 @@ async def test_one_keys_flood_does_not_delay_another_keys_callback(
         busy_s = await _callback_latency_s(client_b, receiver, busy_gen.id, "/busy")
     print(f"B's callback: {idle_s:.2f} s with A idle, {busy_s:.2f} s with A flooding")
     assert busy_s < idle_s + 2.0
+
+
+async def test_concurrent_creates_never_pass_the_quota(db_url: str) -> None:
+    """Forty creates of new generations sent at once by one key with RELAY_MAX_ACTIVE_PER_KEY=5:
+    exactly five answer 201 and the rest 429 `quota_exceeded` (near its quota every batch
+    counts in its transaction, and the key's counted batches take turns)."""
+    key = await new_key(db_url, "burst")
+    settings = fast_settings(db_url, allow_private_callbacks=False, max_active_per_key=5)
+    with serve_in_thread(create_app(settings, role="api")) as url:
+        async with httpx.AsyncClient(
+            base_url=url, timeout=10, headers={"authorization": f"Bearer {key.api_key}"}
+        ) as client:
+
+            async def create(n: int) -> httpx.Response:
+                body = {"generation_id": f"gen_burst{n}", "callback_url": PUBLIC_HOOK}
+                return await client.post(SUBS, json=body)
+
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(create(n) for n in range(40))), timeout=20
+            )
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201] * 5 + [429] * 35, statuses
+    for refused in (r for r in answers if r.status_code == 429):
+        expect_error(refused, 429, "quota_exceeded")

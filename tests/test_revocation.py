@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
+
 from relay import store
 from relay.simulator import FakeUpstream
+from tests.apiclient import PUBLIC_HOOK
 from tests.delivery import (
     final_generation,
     pending_generation,
@@ -15,7 +18,14 @@ from tests.delivery import (
     subscribe,
     wait_status,
 )
-from tests.helpers import Receiver, fast_settings, new_key, open_test_database, wait_for
+from tests.helpers import (
+    Receiver,
+    fast_settings,
+    new_key,
+    open_test_database,
+    sync_count,
+    wait_for,
+)
 
 
 async def test_revocation_cancels_subscriptions_stops_sends_and_polls(
@@ -77,3 +87,43 @@ async def test_revocation_cancels_subscriptions_stops_sends_and_polls(
         await wait_for(lambda: receiver.on("/b"), timeout_s=10)
         assert receiver.on("/a") == []
         await wait_status(client_b, sub_b["id"], "delivered")
+
+
+async def test_no_create_in_flight_slips_an_active_subscription_past_a_revocation(
+    db_url: str,
+) -> None:
+    """Creates stream in over HTTP (eight at a time, each a new generation) while the key is
+    revoked: every create answers 201 or 401, and once the revocation has returned and the
+    creates in flight have answered, the key has no active subscription (on PostgreSQL a
+    batch holds the key's lock shared from its key check to its commit, and a revocation
+    takes it exclusively)."""
+    key = await new_key(db_url, "racing")
+    settings = fast_settings(db_url, allow_private_callbacks=False)
+    statuses: list[int] = []
+    revoked = asyncio.Event()
+
+    async def creating(client: httpx.AsyncClient, worker: int) -> None:
+        n = 0
+        while not revoked.is_set():
+            body = {"generation_id": f"gen_race_{worker}_{n}", "callback_url": PUBLIC_HOOK}
+            statuses.append((await client.post("/v1/subscriptions", json=body)).status_code)
+            n += 1
+
+    async with running_relay(settings, key, role="api") as client:
+        workers = [asyncio.create_task(creating(client, w)) for w in range(8)]
+        await wait_for(lambda: len(statuses) >= 40, timeout_s=15)
+        db = open_test_database(db_url)
+        try:
+            outcome = await store.revoke_key(db, key.id)
+        finally:
+            await db.dispose()
+        assert outcome is not None and outcome.subscriptions_canceled >= 40
+        await asyncio.sleep(0.3)  # creates sent after the revocation meet it
+        revoked.set()
+        await asyncio.wait_for(asyncio.gather(*workers), timeout=15)
+
+    assert set(statuses) <= {201, 401}, sorted(set(statuses))
+    active = (
+        f"SELECT count(*) FROM subscriptions WHERE api_key_id = '{key.id}' AND status = 'active'"
+    )
+    assert await asyncio.to_thread(sync_count, db_url, active) == 0
