@@ -4,9 +4,11 @@
   time for each kind, one line after that) and answered 500 `internal_error` in the
   contract's error shape, so a client never sees a bare server error page and the log is not
   flooded by a client who found a way to repeat one.
-- `BodyDeadline`: a request body must arrive within `timeout_s` of the request's start, or
-  the request is answered 408 `request_timeout`: a client trickling its body cannot hold a
-  connection and a handler for as long as it likes.
+- `BodyDeadline`: a request body must arrive within `timeout_s` of the request's start, plus
+  one second for every `BODY_MIN_RATE` bytes received, or the request is answered 408
+  `request_timeout`: a client trickling its body cannot hold a connection and a handler for
+  as long as it likes, while a large upload on a slow link (a proxied create may carry 100
+  MiB) is not cut off.
 
 No route logic here; the answers are http.py's `ApiError` shapes.
 """
@@ -24,6 +26,9 @@ from relay.http import ApiError, error_response
 logger = logging.getLogger(__name__)
 
 _SEEN_MAX = 256  # kinds of failure whose traceback has been logged; bounded
+# Bytes of body that buy one more second past the deadline: 64 KiB/s, a slow mobile uplink.
+# A trickle below it gains almost nothing; 100 MiB at exactly this rate takes 27 minutes.
+BODY_MIN_RATE = 64 * 1024
 
 
 class LastResort:
@@ -70,7 +75,8 @@ class LastResort:
 
 
 class BodyDeadline:
-    """Refuse with 408 a request whose body has not fully arrived `timeout_s` after it began."""
+    """Refuse with 408 a request whose body has not fully arrived `timeout_s` after it began,
+    the deadline moving later by one second per BODY_MIN_RATE bytes received."""
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
         self.app = app
@@ -85,7 +91,7 @@ class BodyDeadline:
         body_done = False
 
         async def timed_receive() -> Message:
-            nonlocal body_done
+            nonlocal body_done, deadline
             if body_done:
                 # Past the body only a disconnect can come, and waiting for it is no abuse.
                 return await receive()
@@ -96,11 +102,14 @@ class BodyDeadline:
                 raise ApiError(
                     408,
                     "request_timeout",
-                    f"the request body did not arrive within {self.timeout_s:g} s",
+                    f"the request body did not arrive within {self.timeout_s:g} s, plus one"
+                    f" second per {BODY_MIN_RATE // 1024} KiB received",
                     headers={"connection": "close"},
                 ) from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
+            else:
+                deadline += len(message.get("body", b"")) / BODY_MIN_RATE
             return message
 
         await self.app(scope, timed_receive, send)

@@ -7,7 +7,10 @@ loop; the simulator logs every create it gets with its size, sha256 and header n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -226,6 +229,77 @@ async def test_a_chunked_body_over_the_limit_is_cut_off_mid_stream(
         expect_error(answer, 413, "payload_too_large")
         assert [c for c in await proxy.upstream_creates() if c["id"] is not None] == []
         assert await proxy.subscriptions() == []
+
+
+async def test_a_slow_upload_that_keeps_coming_is_not_cut_off(
+    db_url: str, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """With RELAY_BODY_TIMEOUT=1 an upload that keeps arriving at 192 KiB/s for 3.5 s is
+    created and byte-exact upstream (each 64 KiB received buys a second), while a body
+    trickling at 5 KiB/s is answered 408 soon after its second is up."""
+    boundary = "slow-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.bin"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    piece = bytes(range(256)) * 384  # 96 KiB
+    content_type = f"multipart/form-data; boundary={boundary}"
+
+    async def steady() -> AsyncIterator[bytes]:
+        yield head
+        for _ in range(8):
+            await asyncio.sleep(0.5)
+            yield piece
+        yield tail
+
+    async with rig(db_url, upstream[1], body_timeout_s=1.0) as proxy:
+        started = time.monotonic()
+        answer = await proxy.create(content=steady(), headers={"content-type": content_type})
+        assert answer.status_code == 200, answer.text
+        assert time.monotonic() - started > 3.5
+        (created,) = await proxy.upstream_creates()
+        body = head + piece * 8 + tail
+        assert (created["bytes"], created["sha256"]) == (
+            len(body),
+            hashlib.sha256(body).hexdigest(),
+        )
+
+        # The trickle over a raw socket: httpx would still be sending when the 408 comes.
+        host, port = str(proxy.relay.base_url).removeprefix("http://").rstrip("/").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            (
+                f"POST {MODEL_PATH} HTTP/1.1\r\nhost: {host}\r\n"
+                f"authorization: Bearer {proxy.key}\r\nrelay-callback-url: {PUBLIC_HOOK}\r\n"
+                f"content-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n"
+                f"{len(head):x}\r\n"
+            ).encode()
+            + head
+            + b"\r\n"
+        )
+
+        async def trickle() -> None:  # 1 KiB every 0.2 s, until the relay hangs up
+            with contextlib.suppress(ConnectionError):
+                for _ in range(40):
+                    await asyncio.sleep(0.2)
+                    writer.write(b"400\r\n" + b"t" * 1024 + b"\r\n")
+                    await writer.drain()
+
+        started = time.monotonic()
+        sending = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(10):
+                answer = await reader.read()  # to the end: the relay closes the connection
+            waited_s = time.monotonic() - started
+        finally:
+            sending.cancel()
+            writer.close()
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 408 "), answer
+        assert orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+        assert 0.9 < waited_s < 4, waited_s
+        assert len(await proxy.subscriptions()) == 1
 
 
 @pytest.mark.parametrize("status", [402, 422, 429, 500])
