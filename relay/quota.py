@@ -3,7 +3,7 @@
 Counting a key's active subscriptions costs a range scan as long as the count, too much for
 every create batch of a key with tens of thousands. So each process keeps, per key, the
 count it last made in a create transaction plus what it has created since, and asks the
-batch to count again (exactly, in the transaction, the key locked) when that estimate
+batch to count again (exactly, in the transaction, the key's row locked) when that estimate
 is near the quota (the last tenth of it) or old (one second near the upper half, ten below).
 Subscriptions that end only make the estimate high, which errs on the side of counting.
 

@@ -29,7 +29,6 @@ from relay.models import (
     generations,
     subscriptions,
 )
-from relay.store._keylocks import lock_keys
 from relay.store._sql import any_of, delivery_row, insert_rows, retrying
 from relay.store.starts import FirstPoll, first_polls, set_first_polls
 
@@ -201,17 +200,17 @@ async def create_subscriptions_in(
 async def _lock_keys(
     conn: AsyncConnection, requests: Sequence[CreateRequest], cap: int | None, postgres: bool
 ) -> dict[str, str]:
-    """The live keys of the batch, by hash, locked for the transaction on PostgreSQL (see
-    _keylocks): shared, so creates never wait on each other, while a revocation waits for
-    this batch, then cancels what it made, or goes first. A key whose quota is counted here
-    is taken exclusively: its counted batches take turns."""
+    """The live keys of the batch, by hash, their rows held for the transaction on
+    PostgreSQL: shared, so creates never wait on each other, while a revocation (which takes
+    the row for update) waits for this batch, then cancels what it made, or goes first. A key
+    whose quota is counted here is taken exclusively: its counted batches take turns."""
     hashes = sorted({r.key_hash for r in requests})
-    if postgres:
-        counted = {r.key_hash for r in requests if r.count_active} if cap else set()
-        await lock_keys(conn, shared=hashes, exclusive=counted)
+    counted = bool(cap) and any(r.count_active for r in requests)
     live_keys = select(api_keys.c.key_hash, api_keys.c.id).where(
         any_of(api_keys.c.key_hash, hashes, postgres), api_keys.c.revoked_at.is_(None)
     )
+    if postgres:
+        live_keys = live_keys.order_by(api_keys.c.id).with_for_update(read=not counted)
     return {row.key_hash: row.id for row in await conn.execute(live_keys)}
 
 

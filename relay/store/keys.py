@@ -27,7 +27,6 @@ from relay.models import (
     subscriptions,
 )
 from relay.signing import generate_secret
-from relay.store._keylocks import lock_keys
 from relay.store._sql import any_of, cancel_deliveries, retrying
 from relay.store.generations import idle_unwatched
 
@@ -190,14 +189,13 @@ async def _revoke_once(db: Database, key_id: str) -> Revoked | None:
     now = db.now()
     postgres = db.is_postgres
     async with db.transaction() as conn:
-        found = select(api_keys.c.key_hash).where(api_keys.c.id == key_id)
-        key_hash = (await conn.execute(found)).scalar_one_or_none()
-        if key_hash is None:
-            return None
+        # The key row first (the lock order): a create batch holds it shared while it checks
+        # the key and inserts, so none can slip an active subscription past this revocation.
+        found = select(api_keys.c.id).where(api_keys.c.id == key_id)
         if postgres:
-            # The key's lock first (the lock order): a create batch holds it shared while it
-            # checks the key and inserts, so none can slip an active subscription past this.
-            await lock_keys(conn, shared=(), exclusive=[key_hash])
+            found = found.with_for_update()
+        if (await conn.execute(found)).first() is None:
+            return None
         await conn.execute(
             update(api_keys)
             .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
