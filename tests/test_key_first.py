@@ -11,12 +11,16 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from relay import migrate, store
 from relay.app import create_app
+from relay.auth import KEY_CACHE_TTL_S
 from relay.resolver import IntakeResolver
 from relay.sender import AiohttpSender
 from relay.simulator import FakeUpstream
@@ -189,3 +193,46 @@ async def test_intake_dns_that_never_answers_holds_up_no_delivery(
     for answer in answers:
         error = expect_error(answer, 422, "validation_error")
         assert "no answer within 4 s" in str(error.error.details), answer.text
+
+
+@contextlib.contextmanager
+def key_lookups() -> Iterator[list[str]]:
+    """The statements that look a key up by hash alone (store.authenticate), as any engine in
+    this process sends them."""
+    seen: list[str] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("SELECT api_keys.id \nFROM api_keys"):
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", before)
+
+
+async def test_creates_that_miss_the_key_cache_together_share_one_lookup(db_url: str) -> None:
+    """Sixty creates sent at once with a key not seen for longer than the key cache's TTL:
+    all are created, and the key is looked up once (or twice, if the cache expires again
+    mid-burst), not once per create: each lookup of its own took a connection, and past the
+    pool's size a new one."""
+    key = await new_key(db_url, "burst")
+    settings = fast_settings(db_url, allow_private_callbacks=False)
+    with serve_in_thread(create_app(settings, role="api")) as url:
+        async with httpx.AsyncClient(
+            base_url=url, timeout=10, headers={"authorization": f"Bearer {key.api_key}"}
+        ) as client:
+
+            async def create(n: int) -> int:
+                body = {"generation_id": f"gen_miss{n}", "callback_url": PUBLIC_HOOK}
+                return (await client.post(SUBS, json=body)).status_code
+
+            assert await create(-1) == 201  # connections warm, the key cached
+            await asyncio.sleep(KEY_CACHE_TTL_S + 0.2)
+            with key_lookups() as lookups:
+                statuses = await asyncio.wait_for(
+                    asyncio.gather(*(create(n) for n in range(60))), timeout=20
+                )
+    assert statuses == [201] * 60
+    assert 1 <= len(lookups) <= 2, len(lookups)

@@ -290,13 +290,13 @@ async def test_a_slow_upload_that_keeps_coming_is_not_cut_off(
         sending = asyncio.create_task(trickle())
         try:
             async with asyncio.timeout(10):
-                answer = await reader.read()  # to the end: the relay closes the connection
+                raw = await reader.read()  # to the end: the relay closes the connection
             waited_s = time.monotonic() - started
         finally:
             sending.cancel()
             writer.close()
-        status_line, _, rest = answer.partition(b"\r\n")
-        assert status_line.startswith(b"HTTP/1.1 408 "), answer
+        status_line, _, rest = raw.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 408 "), raw
         assert orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
         assert 0.9 < waited_s < 4, waited_s
         assert len(await proxy.subscriptions()) == 1
