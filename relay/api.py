@@ -8,7 +8,7 @@ batching.py), which is how ingest outruns a one-insert-per-request handler.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -31,12 +31,11 @@ from relay.http import (
     ApiError,
     Endpoint,
     Operation,
-    body_chunks,
     endpoint,
     json_response,
     parse_object,
     parse_query,
-    read_body,
+    receive_body,
     route,
     validate,
     validation_error,
@@ -166,12 +165,14 @@ async def _create(
     authorization: str,
     address: str,
     declared_length: str | None,
-    body: AsyncIterator[bytes],
+    receive: Receive,
 ) -> tuple[int, dict[str, Any]]:
     # The key first: an unknown or revoked key is refused before the body is read. The batch
     # checks the key again in its transaction, so the cache cannot let a revoked key create.
     caller = await ctx.auth.authenticate(authorization, address, cached=True)
-    payload = await checked_subscription(ctx, parse_object(await read_body(declared_length, body)))
+    payload = await checked_subscription(
+        ctx, parse_object(await receive_body(declared_length, receive))
+    )
     metadata = payload.metadata
     result = await ctx.creates.submit(
         store.CreateRequest(
@@ -211,7 +212,7 @@ class CreateSubscription:
             elif name == b"content-length":
                 declared = value.decode("latin-1")
         status, content = await _create(
-            ctx, authorization, client_address(scope), declared, body_chunks(receive)
+            ctx, authorization, client_address(scope), declared, receive
         )
         body = orjson.dumps(content)
         await send(

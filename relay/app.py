@@ -26,7 +26,7 @@ from relay.config import Settings
 from relay.creator import Creator, UpstreamCreator
 from relay.database import Database, open_database
 from relay.deliverer import Deliverer
-from relay.guards import BodyDeadline, LastResort
+from relay.guards import Guard
 from relay.health import UpstreamHealth
 from relay.http import EXCEPTION_HANDLERS
 from relay.idempotency import IdempotencyGate
@@ -195,8 +195,5 @@ def create_app(
         routes=[*with_openapi(routes), *admin.routes(settings)],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[
-            Middleware(LastResort),
-            Middleware(BodyDeadline, timeout_s=settings.body_timeout_s),
-        ],
+        middleware=[Middleware(Guard, body_timeout_s=settings.body_timeout_s)],
     )

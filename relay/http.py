@@ -69,40 +69,57 @@ def error_response(exc: ApiError) -> Response:
 # --- Reading requests -----------------------------------------------------------------------
 
 
+def _too_large(limit_bytes: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"the request body is over {limit_bytes // 1024} KiB")
+
+
+def _check_declared(declared: str | None, limit_bytes: int) -> None:
+    """413 for a Content-Length over the limit, before any of the body is read."""
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the Content-Length header is not a number") from None
+    if length > limit_bytes:
+        raise _too_large(limit_bytes)
+
+
 async def read_body(
     declared: str | None, chunks_in: AsyncIterator[bytes], limit_bytes: int = BODY_MAX_BYTES
 ) -> bytes:
     """The body, refused with 413 past `limit_bytes` without reading it whole."""
-    too_large = ApiError(
-        413, "payload_too_large", f"the request body is over {limit_bytes // 1024} KiB"
-    )
-    if declared is not None:
-        try:
-            if int(declared) > limit_bytes:
-                raise too_large
-        except ValueError:
-            raise ApiError(
-                400, "invalid_json", "the Content-Length header is not a number"
-            ) from None
+    _check_declared(declared, limit_bytes)
     chunks: list[bytes] = []
     size = 0
     async for chunk in chunks_in:
         size += len(chunk)
         if size > limit_bytes:
-            raise too_large
+            raise _too_large(limit_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
-    """A bare ASGI handler's request body, chunk by chunk."""
+async def receive_body(
+    declared: str | None, receive: Receive, limit_bytes: int = BODY_MAX_BYTES
+) -> bytes:
+    """`read_body` for a bare ASGI handler, straight from `receive` (the create hot path: no
+    async generator per request). A client gone mid-body leaves what had arrived."""
+    _check_declared(declared, limit_bytes)
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
-        yield message.get("body", b"")
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit_bytes:
+            raise _too_large(limit_bytes)
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            return
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_object(body: bytes) -> dict[str, Any]:

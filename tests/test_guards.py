@@ -1,4 +1,4 @@
-"""The wrappers around the whole app (relay/guards.py) and the server's bounds, over real HTTP
+"""The wrapper around the whole app (relay/guards.py) and the server's bounds, over real HTTP
 on loopback: the last-resort answer to an unexpected failure, the deadline for a request
 body, and the cap on open connections."""
 
@@ -17,6 +17,7 @@ import pytest
 
 from relay import store
 from relay.app import create_app
+from relay.guards import Guard
 from tests.apiclient import expect_error
 from tests.helpers import fast_settings, new_key, relay_process, serve_in_thread
 
@@ -99,3 +100,37 @@ async def test_connections_beyond_relay_max_connections_get_503(tmp_path: Path) 
                 writer.close()
             await asyncio.sleep(0.3)
             assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_failure_after_the_answer_began_ends_the_connection_without_a_second_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under uvicorn, a handler that fails after its response began (a stream, say) is
+    logged once and its connection closed with what was sent, never a 500 appended to it;
+    the server goes on serving. (A bare app stands in for such a route: none fails on cue.)"""
+
+    async def streams_then_fails(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["path"] == "/ok":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"fine"})
+            return
+        headers = [(b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("failed mid-stream")
+
+    caplog.set_level(logging.ERROR)
+    with serve_in_thread(Guard(streams_then_fails, body_timeout_s=5)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/stream")
+            ok = await client.get("/ok")
+    assert (ok.status_code, ok.text) == (200, "fine")
+    assert "internal_error" not in caplog.text
+    logged = [r for r in caplog.records if r.name == "relay.guards"]
+    assert len(logged) == 1 and "failed mid-stream" in caplog.text, caplog.text
