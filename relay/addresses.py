@@ -22,6 +22,7 @@ Errors::
 from __future__ import annotations
 
 import errno
+import functools
 import re
 import socket
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ def receiver_host(url: str) -> str:
         return f"{urlsplit(url).hostname or ''}:0"
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and dozens of network tests per address
 def is_blocked_ip(ip: IPAddress) -> bool:
     """Return True when the relay must not call `ip` unless private callbacks are allowed.
 

@@ -111,12 +111,14 @@ def context(request: Request) -> ApiContext:
 
 
 def _time(value: datetime | None) -> str | None:
-    """RFC 3339 in UTC to the second, `2026-12-01T12:00:00Z` (isoformat: strftime is slower)."""
+    """RFC 3339 in UTC to the second, `2026-12-01T12:00:00Z` (%-formatting: half strftime's
+    time, and three of these go into every answer)."""
     if value is None:
         return None
-    if value.utcoffset():
+    if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
-    return value.isoformat(timespec="seconds")[:19] + "Z"
+    fields = (value.year, value.month, value.day, value.hour, value.minute, value.second)
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % fields  # noqa: UP031 (faster than an f-string)
 
 
 def subscription_json(row: Mapping[Any, Any]) -> dict[str, Any]:
