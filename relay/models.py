@@ -214,6 +214,8 @@ generations = Table(
         postgresql_where=text("next_poll_at IS NOT NULL"),
     ),
     Index("ix_generations_state_updated", "state", "updated_at"),
+    # What earlier running lists showed: a list cut short makes only those due (sweeps).
+    Index("ix_generations_listing", "listing", "listed_at"),
 )
 
 subscriptions = Table(

@@ -105,9 +105,12 @@ async def _apply_listed(
     statuses = {item.generation_id: item.status for item in listed}
     if not statuses:
         return 0
+    # By id alone, the state checked here: with `state = polling` in the query SQLite chose
+    # the state index and read every polling generation (35 ms a sweep at 100,000).
     query = (
         select(
             generations.c.id,
+            generations.c.state,
             generations.c.status,
             generations.c.status_changed_at,
             generations.c.first_subscribed_at,
@@ -117,12 +120,15 @@ async def _apply_listed(
             generations.c.next_poll_at,
         )
         .where(any_of(generations.c.id, sorted(statuses), postgres))
-        .where(generations.c.state == GenerationState.POLLING)
         .order_by(generations.c.id)
     )
     if postgres:
         query = query.with_for_update()
-    rows = [dict(row) for row in (await conn.execute(query)).mappings()]
+    rows = [
+        dict(row)
+        for row in (await conn.execute(query)).mappings()
+        if row["state"] == GenerationState.POLLING
+    ]
     if not rows:
         return 0
     for row in rows:
