@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.database import Database
 from relay.models import GenerationState, deliveries, generations, subscriptions
-from relay.store._sql import insert_rows
+from relay.store._sql import insert_rows, retrying
 from relay.store.creates import new_generation_row, new_subscription_row
 
 BATCH = 5000  # rows per INSERT: bounds one statement's parameters, however many are seeded
@@ -82,13 +82,18 @@ async def add_final_generations(
 
 async def schedule_all_polls(db: Database, next_poll_at: datetime) -> None:
     """Every polling generation next polled at `next_poll_at` and leased by nobody (all due
-    now, or none for an hour)."""
-    async with db.transaction() as conn:
-        await conn.execute(
-            update(generations)
-            .where(generations.c.state == GenerationState.POLLING)
-            .values(next_poll_at=next_poll_at, lease_owner=None)
-        )
+    now, or none for an hour). Retried when it deadlocks with a running relay's sweep (this
+    UPDATE takes the rows in table order, a sweep in id order)."""
+
+    async def work() -> None:
+        async with db.transaction() as conn:
+            await conn.execute(
+                update(generations)
+                .where(generations.c.state == GenerationState.POLLING)
+                .values(next_poll_at=next_poll_at, lease_owner=None)
+            )
+
+    await retrying(work)
 
 
 async def delivery_ids_by_generation(db: Database) -> dict[str, int]:
