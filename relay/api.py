@@ -115,7 +115,9 @@ def _time(value: datetime | None) -> str | None:
     time, and three of these go into every answer)."""
     if value is None:
         return None
-    if value.tzinfo is not UTC:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)  # as strftime wrote it: naive times are UTC here
+    elif value.tzinfo is not UTC:
         value = value.astimezone(UTC)
     fields = (value.year, value.month, value.day, value.hour, value.minute, value.second)
     return "%04d-%02d-%02dT%02d:%02d:%02dZ" % fields  # noqa: UP031 (faster than an f-string)

@@ -80,9 +80,10 @@ class _BodyDeadline:
     """One request's `receive`, refusing with 408 a body that is late.
 
     Only time spent waiting in `receive` can run out: a handler busy between two receives (the
-    proxy forwarding a chunk) is never interrupted; a deadline that passed meanwhile is
-    noticed at the next receive. The timer is armed once, at the first receive that finds
-    the body unfinished, and re-armed only when it fires early (the deadline moved)."""
+    proxy forwarding a chunk, the key check before the body) is never interrupted, and a body
+    already buffered by the server is taken even past the deadline (the timer, armed for a
+    moment already past, fires only if `receive` has to wait). The timer is armed once and
+    re-armed only when it fires early (the deadline moved) or fired while nobody waited."""
 
     __slots__ = ("_deadline", "_loop", "_receive", "_state", "_task", "_timeout_s", "_timer")
 
@@ -99,10 +100,8 @@ class _BodyDeadline:
         if self._state == "done":
             # Past the body only a disconnect can come, and waiting for it is no abuse.
             return await self._receive()
-        if self._state == "late" or self._loop.time() >= self._deadline:
-            raise self._late()
+        self._task = asyncio.current_task()
         if self._timer is None:
-            self._task = asyncio.current_task()
             self._timer = self._loop.call_at(self._deadline, self._expire)
         self._state = "waiting"
         try:
@@ -112,7 +111,7 @@ class _BodyDeadline:
                 raise self._late() from None
             raise
         finally:
-            if self._state == "waiting":
+            if self._state != "done":
                 self._state = "reading"
         if message["type"] != "http.request" or not message.get("more_body", False):
             self._state = "done"
@@ -127,13 +126,14 @@ class _BodyDeadline:
             self._timer = None
 
     def _expire(self) -> None:
+        self._timer = None
+        if self._state != "waiting":
+            return  # the next receive arms it again, for a moment already past
         if self._loop.time() < self._deadline:  # the body moved it: wait for the new one
             self._timer = self._loop.call_at(self._deadline, self._expire)
             return
-        self._timer = None
-        waiting = self._state == "waiting"
         self._state = "late"
-        if waiting and self._task is not None:
+        if self._task is not None:
             self._task.cancel()
 
     def _late(self) -> ApiError:

@@ -139,7 +139,8 @@ class Sweeper:
         after a sweep changed it, but never so often that counting (which reads every polling
         generation) takes more than COUNT_TIME_SHARE of the time."""
         age_s = self._clock() - self._counted_at
-        least_gap_s = self._count_s / COUNT_TIME_SHARE
+        # Capped: one count slowed by a database stall must not freeze the counts for long.
+        least_gap_s = min(self._count_s / COUNT_TIME_SHARE, self._settings.poll_max_interval_s)
         max_age_s = max(2 * self._settings.sweep_min_interval_s, least_gap_s)
         stale = self._counts_stale and age_s >= least_gap_s
         if self._counts is None or stale or age_s > max_age_s:

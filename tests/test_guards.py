@@ -18,6 +18,7 @@ import pytest
 from relay import store
 from relay.app import create_app
 from relay.guards import Guard
+from relay.http import ApiError, error_response
 from tests.apiclient import expect_error
 from tests.helpers import fast_settings, new_key, relay_process, serve_in_thread
 
@@ -134,3 +135,49 @@ async def test_a_failure_after_the_answer_began_ends_the_connection_without_a_se
     assert "internal_error" not in caplog.text
     logged = [r for r in caplog.records if r.name == "relay.guards"]
     assert len(logged) == 1 and "failed mid-stream" in caplog.text, caplog.text
+
+
+async def test_a_body_that_came_at_once_is_taken_even_when_the_handler_read_it_late() -> None:
+    """Under uvicorn with a 0.2 s body deadline, a handler that works 0.5 s before reading
+    (as the key check or the proxy's callback check may) still gets a body the client sent at
+    once; a body that never comes is refused 408 as soon as the handler waits for it. (A bare
+    app stands in for a slow route: none is slow on cue.)"""
+
+    async def slow_reader(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await asyncio.sleep(0.5)
+        body = b""
+        try:
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body", False):
+                    break
+        except ApiError as exc:  # as the app's exception handler answers it
+            await error_response(exc)(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    with serve_in_thread(Guard(slow_reader, body_timeout_s=0.2)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+            answer = await client.post("/", content=b'{"sent": "at once"}')
+        assert (answer.status_code, answer.content) == (200, b'{"sent": "at once"}')
+
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(f"POST / HTTP/1.1\r\nhost: {host}\r\ncontent-length: 10\r\n\r\n".encode())
+            await writer.drain()
+            started = time.monotonic()
+            async with asyncio.timeout(5):
+                raw = await reader.read()
+            waited_s = time.monotonic() - started
+        finally:
+            writer.close()
+    assert raw.startswith(b"HTTP/1.1 408 "), raw
+    assert 0.4 < waited_s < 2, waited_s

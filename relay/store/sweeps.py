@@ -105,8 +105,9 @@ async def _apply_listed(
     statuses = {item.generation_id: item.status for item in listed}
     if not statuses:
         return 0
-    # By id alone, the state checked here: with `state = polling` in the query SQLite chose
-    # the state index and read every polling generation (35 ms a sweep at 100,000).
+    # On SQLite by id alone, the state checked below: with `state = polling` in the query it
+    # chose the state index and read every polling generation (35 ms a sweep at 100,000).
+    # PostgreSQL keeps the condition, so that it locks no idle or final row.
     query = (
         select(
             generations.c.id,
@@ -123,7 +124,7 @@ async def _apply_listed(
         .order_by(generations.c.id)
     )
     if postgres:
-        query = query.with_for_update()
+        query = query.where(generations.c.state == GenerationState.POLLING).with_for_update()
     rows = [
         dict(row)
         for row in (await conn.execute(query)).mappings()
