@@ -35,7 +35,7 @@ from relay.http import (
     json_response,
     parse_object,
     parse_query,
-    receive_body,
+    read_body,
     route,
     validate,
     validation_error,
@@ -180,7 +180,7 @@ async def _create(
     # checks the key again in its transaction, so the cache cannot let a revoked key create.
     caller = await ctx.auth.authenticate(authorization, address, cached=True)
     payload = await checked_subscription(
-        ctx, parse_object(await receive_body(declared_length, receive))
+        ctx, parse_object(await read_body(declared_length, receive))
     )
     metadata = payload.metadata
     result = await ctx.creates.submit(

@@ -115,7 +115,10 @@ class Authenticator:
             if key_id is None:
                 # An address over its allowance of failures is not worth a lookup.
                 self._refuse_if_over(self._failures, address, "from this address")
-            key_id = await (self._shared_lookup(key_hash) if cached else self._lookup(key_hash))
+            if cached:
+                key_id = await self._shared_lookup(key_hash)
+            else:
+                key_id = await store.authenticate(self._db, key_hash)
             if key_id is None:
                 self._count_failure(address)
                 raise unauthorized()
@@ -123,14 +126,11 @@ class Authenticator:
         self._refuse_if_over(self._limiter, key_id, "for this key", take=True)
         return Caller(key_id, key_hash)
 
-    async def _lookup(self, key_hash: str) -> str | None:
-        return await store.authenticate(self._db, key_hash)
-
     async def _shared_lookup(self, key_hash: str) -> str | None:
         """One lookup for every cached-path request that missed the cache meanwhile."""
         pending = self._lookups.get(key_hash)
         if pending is None:
-            pending = asyncio.ensure_future(self._lookup(key_hash))
+            pending = asyncio.ensure_future(store.authenticate(self._db, key_hash))
             self._lookups[key_hash] = pending
             pending.add_done_callback(lambda done: self._lookup_done(key_hash, done))
         # shield: one waiter cancelled (its client went away) must not cancel the others'.

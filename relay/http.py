@@ -11,7 +11,7 @@ body. No route logic and no SQL here; the OpenAPI document is built from the sam
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -86,25 +86,11 @@ def _check_declared(declared: str | None, limit_bytes: int) -> None:
 
 
 async def read_body(
-    declared: str | None, chunks_in: AsyncIterator[bytes], limit_bytes: int = BODY_MAX_BYTES
-) -> bytes:
-    """The body, refused with 413 past `limit_bytes` without reading it whole."""
-    _check_declared(declared, limit_bytes)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in chunks_in:
-        size += len(chunk)
-        if size > limit_bytes:
-            raise _too_large(limit_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def receive_body(
     declared: str | None, receive: Receive, limit_bytes: int = BODY_MAX_BYTES
 ) -> bytes:
-    """`read_body` for a bare ASGI handler, straight from `receive` (the create hot path: no
-    async generator per request). A client gone mid-body leaves what had arrived."""
+    """The body, straight from ASGI `receive` (no async generator per request: the create hot
+    path), refused with 413 past `limit_bytes` without reading it whole. A client gone
+    mid-body leaves what had arrived."""
     _check_declared(declared, limit_bytes)
     chunks: list[bytes] = []
     size = 0

@@ -76,7 +76,7 @@ async def upstream_webhook(request: Request) -> Response:
     if not secrets:
         raise ApiError(404, "not_found", "no such route (RELAY_UPSTREAM_WEBHOOK_SECRET is unset)")
     body = await read_body(
-        request.headers.get("content-length"), request.stream(), HINT_BODY_MAX_BYTES
+        request.headers.get("content-length"), request.receive, HINT_BODY_MAX_BYTES
     )
     try:
         webhook_id = verify(secrets, request.headers, body, time.time())

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 LIST_LIMIT = 100  # the most the running list gives (upstream.md)
 SWEEPS_OFF_S = 3600.0  # after the upstream said it has no running list
-# A count reads every polling generation (39 ms at 100,000 on SQLite): counts are spaced so
+# A count reads every polling generation (tens of ms at 100,000 on SQLite): counts are spaced so
 # that they take at most this share of the time, however many generations there are.
 COUNT_TIME_SHARE = 0.01
 

@@ -103,6 +103,16 @@ async def test_connections_beyond_relay_max_connections_get_503(tmp_path: Path) 
             assert (await client.get("/healthz")).status_code == 200
 
 
+async def _lifespan(scope: Any, receive: Any, send: Any) -> bool:
+    """Serve a bare test app's lifespan; True if `scope` was the lifespan."""
+    if scope["type"] != "lifespan":
+        return False
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+    return True
+
+
 async def test_a_failure_after_the_answer_began_ends_the_connection_without_a_second_answer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -111,10 +121,7 @@ async def test_a_failure_after_the_answer_began_ends_the_connection_without_a_se
     the server goes on serving. (A bare app stands in for such a route: none fails on cue.)"""
 
     async def streams_then_fails(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await _lifespan(scope, receive, send):
             return
         if scope["path"] == "/ok":
             await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -144,10 +151,7 @@ async def test_a_body_that_came_at_once_is_taken_even_when_the_handler_read_it_l
     app stands in for a slow route: none is slow on cue.)"""
 
     async def slow_reader(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await _lifespan(scope, receive, send):
             return
         await asyncio.sleep(0.5)
         body = b""

@@ -1,6 +1,6 @@
 """An index on generations (listing, listed_at): a sweep whose running list was cut short
 makes due only the generations an earlier list showed, and without it that UPDATE read every
-polling generation (27 ms a sweep at 100,000 pending on SQLite, a sweep a second).
+polling generation, on every sweep (about one a second at 100,000 pending).
 
 Revision ID: 0007
 Revises: 0006

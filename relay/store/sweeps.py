@@ -106,7 +106,7 @@ async def _apply_listed(
     if not statuses:
         return 0
     # On SQLite by id alone, the state checked below: with `state = polling` in the query it
-    # chose the state index and read every polling generation (35 ms a sweep at 100,000).
+    # chose the state index and read every polling generation, on every sweep.
     # PostgreSQL keeps the condition, so that it locks no idle or final row.
     query = (
         select(
